@@ -266,3 +266,800 @@ def preprocess(src, size: int) -> torch.Tensor:
     """One image (bytes, path or PIL) -> float32 (3, size, size), equal to transformers' SiglipImageProcessor."""
     img = src if isinstance(src, Image.Image) else load_image(src)
     return normalize_pixels(image_to_uint8(img.convert("RGB"), size))
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Configs. Field names are ours; `from_hf` reads transformers' config.json for the same architecture.
+
+
+@dataclass
+class VisionConfig:
+    image_size: int = 384
+    patch_size: int = 14
+    hidden_size: int = 1152
+    intermediate_size: int = 4304
+    num_layers: int = 27
+    num_heads: int = 16
+    eps: float = 1e-6
+    act: str = "gelu_tanh"  # HF configs say gelu_pytorch_tanh; the timm weights the official code ran use exact "gelu"
+    use_head: bool = True  # the attention-pooling head, needed for contrastive image embeddings only
+
+    @classmethod
+    def from_hf(cls, d: dict) -> VisionConfig:
+        return cls(d.get("image_size", 224), d.get("patch_size", 16), d.get("hidden_size", 768),
+                   d.get("intermediate_size", 3072), d.get("num_hidden_layers", 12), d.get("num_attention_heads", 12),
+                   d.get("layer_norm_eps", 1e-6), _act(d.get("hidden_act", "gelu_pytorch_tanh")),
+                   d.get("vision_use_head", True))
+
+
+@dataclass
+class TextConfig:  # SigLIP's text tower
+    vocab_size: int = 32000
+    hidden_size: int = 1152
+    intermediate_size: int = 4304
+    num_layers: int = 27
+    num_heads: int = 16
+    max_positions: int = 64
+    projection_size: int = 1152
+    eps: float = 1e-6
+    act: str = "gelu_tanh"
+
+    @classmethod
+    def from_hf(cls, d: dict) -> TextConfig:
+        h = d.get("hidden_size", 768)
+        return cls(d.get("vocab_size", 32000), h, d.get("intermediate_size", 3072), d.get("num_hidden_layers", 12),
+                   d.get("num_attention_heads", 12), d.get("max_position_embeddings", 64),
+                   d.get("projection_size") or h, d.get("layer_norm_eps", 1e-6),
+                   _act(d.get("hidden_act", "gelu_pytorch_tanh")))
+
+
+@dataclass
+class QwenConfig:
+    vocab_size: int = 151936
+    hidden_size: int = 1536
+    intermediate_size: int = 8960
+    num_layers: int = 28
+    num_heads: int = 12
+    num_kv_heads: int = 2
+    head_dim: int = 128
+    rope_theta: float = 1e6
+    eps: float = 1e-6
+    tie_embeddings: bool = True
+
+    @classmethod
+    def from_hf(cls, d: dict) -> QwenConfig:
+        h, nh = d["hidden_size"], d["num_attention_heads"]
+        theta = (d.get("rope_parameters") or {}).get("rope_theta", d.get("rope_theta", 10000.0))  # v5 / v4 layouts
+        if (d.get("rope_parameters") or d.get("rope_scaling") or {}).get("rope_type", "default") != "default":
+            raise ValueError("only the default RoPE is implemented (Qwen2.5 uses it)")
+        return cls(d["vocab_size"], h, d["intermediate_size"], d["num_hidden_layers"], nh,
+                   d.get("num_key_value_heads", nh), d.get("head_dim") or h // nh, float(theta),
+                   d.get("rms_norm_eps", 1e-6), d.get("tie_word_embeddings", False))
+
+
+def _act(name: str) -> str:
+    table = {"gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "gelu_tanh": "gelu_tanh", "gelu": "gelu"}
+    if name not in table:
+        raise ValueError(f"unsupported activation {name!r}")
+    return table[name]
+
+
+def gelu(x, kind: str):
+    return F.gelu(x, approximate="tanh" if kind == "gelu_tanh" else "none")
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# SigLIP (§1.1): pre-norm ViT blocks, no class token, learned positions; a text tower and a contrastive head.
+
+
+class SiglipBlock(nn.Module):
+    def __init__(self, d: int, heads: int, inter: int, eps: float, act: str):
+        super().__init__()
+        self.heads, self.act = heads, act
+        self.norm1 = nn.LayerNorm(d, eps=eps)
+        self.qkv = nn.Linear(d, 3 * d)  # fused q, k, v: one matmul instead of three
+        self.proj = nn.Linear(d, d)
+        self.norm2 = nn.LayerNorm(d, eps=eps)
+        self.fc1 = nn.Linear(d, inter)
+        self.fc2 = nn.Linear(inter, d)
+
+    def forward(self, x):
+        B, T, D = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        x = x + self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, T, D))
+        return x + self.fc2(gelu(self.fc1(self.norm2(x)), self.act))
+
+
+class AttentionPoolHead(nn.Module):
+    """SigLIP's MAP head: one learned probe attends over the patches, then a residual MLP. Gives the pooled image
+    embedding used for image-text similarity; the VLM never uses it."""
+
+    def __init__(self, c: VisionConfig):
+        super().__init__()
+        d = c.hidden_size
+        self.heads, self.act = c.num_heads, c.act
+        self.probe = nn.Parameter(torch.zeros(1, 1, d))
+        self.in_proj = nn.Linear(d, 3 * d)
+        self.out_proj = nn.Linear(d, d)
+        self.norm = nn.LayerNorm(d, eps=c.eps)
+        self.fc1 = nn.Linear(d, c.intermediate_size)
+        self.fc2 = nn.Linear(c.intermediate_size, d)
+
+    def forward(self, x):
+        B, T, D = x.shape
+        H = self.heads
+        wq, wk, wv = self.in_proj.weight.chunk(3)
+        bq, bk, bv = self.in_proj.bias.chunk(3)
+        q = F.linear(self.probe.expand(B, 1, D), wq, bq).view(B, 1, H, D // H).transpose(1, 2)
+        k = F.linear(x, wk, bk).view(B, T, H, D // H).transpose(1, 2)
+        v = F.linear(x, wv, bv).view(B, T, H, D // H).transpose(1, 2)
+        h = self.out_proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, 1, D))
+        return (h + self.fc2(gelu(self.fc1(self.norm(h)), self.act)))[:, 0]
+
+
+class SiglipVision(nn.Module):
+    def __init__(self, c: VisionConfig):
+        super().__init__()
+        self.config = c
+        d = c.hidden_size
+        self.patch_embed = nn.Conv2d(3, d, c.patch_size, c.patch_size)
+        self.pos_embed = nn.Parameter(torch.zeros((c.image_size // c.patch_size) ** 2, d))
+        self.blocks = nn.ModuleList(SiglipBlock(d, c.num_heads, c.intermediate_size, c.eps, c.act)
+                                    for _ in range(c.num_layers))
+        self.post_norm = nn.LayerNorm(d, eps=c.eps)
+        self.head = AttentionPoolHead(c) if c.use_head else None
+
+    def forward(self, pixel_values, layer: int = -2, norm: bool = False):
+        """Default: the VLM's features (§1.1), the output of the second-to-last block without the final LayerNorm
+        (HF hidden_states[-2]); blocks after it are skipped, not computed. layer=-1, norm=True gives HF's
+        last_hidden_state."""
+        x = self.patch_embed(pixel_values.to(self.pos_embed.dtype)).flatten(2).transpose(1, 2) + self.pos_embed
+        for block in self.blocks[: len(self.blocks) + 1 + layer]:
+            x = block(x)
+        return self.post_norm(x) if norm else x
+
+    from_pretrained = classmethod(lambda cls, src, **kw: load_vision(src, **kw))
+
+
+class SiglipText(nn.Module):
+    def __init__(self, c: TextConfig):
+        super().__init__()
+        d = c.hidden_size
+        self.token_embed = nn.Embedding(c.vocab_size, d)
+        self.pos_embed = nn.Parameter(torch.zeros(c.max_positions, d))
+        self.blocks = nn.ModuleList(SiglipBlock(d, c.num_heads, c.intermediate_size, c.eps, c.act)
+                                    for _ in range(c.num_layers))
+        self.final_norm = nn.LayerNorm(d, eps=c.eps)
+        self.head = nn.Linear(d, c.projection_size)
+
+    def forward(self, input_ids):
+        """Bidirectional, no padding mask (SigLIP is trained on max_length-padded text); pooled at the last token."""
+        x = self.token_embed(input_ids) + self.pos_embed[: input_ids.shape[1]]
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.final_norm(x)[:, -1])
+
+
+class Siglip(nn.Module):
+    """Both towers and the sigmoid-loss head: filter.py scores image-text pairs with it."""
+
+    def __init__(self, vision: VisionConfig, text: TextConfig):
+        super().__init__()
+        self.vision = SiglipVision(vision)
+        self.text = SiglipText(text)
+        self.logit_scale = nn.Parameter(torch.zeros(1))
+        self.logit_bias = nn.Parameter(torch.zeros(1))
+
+    def image_embeds(self, pixel_values):  # == transformers' get_image_features (pooled, not normalized)
+        return self.vision.head(self.vision(pixel_values, layer=-1, norm=True))
+
+    def text_embeds(self, input_ids):  # == get_text_features
+        return self.text(input_ids)
+
+    def pair_logits(self, image_embeds, text_embeds):
+        """Logit that image i matches text i (sigmoid of it is SigLIP's match probability)."""
+        i, t = F.normalize(image_embeds, dim=-1), F.normalize(text_embeds, dim=-1)
+        return (i * t).sum(-1) * self.logit_scale.exp() + self.logit_bias
+
+    from_pretrained = classmethod(lambda cls, src, **kw: load_siglip(src, **kw))
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Projector (§1.3): adaptive average pooling of the patch grid, then Linear -> exact GELU -> Linear.
+
+
+def pool_matrix(n_in: int, n_out: int) -> torch.Tensor:
+    """(n_out^2, n_in^2) matrix of adaptive_avg_pool2d over an n_in x n_in grid. Cell i averages rows
+    [floor(i*n_in/n_out), ceil((i+1)*n_in/n_out)); for 27 -> 12 every window is 3 wide and they overlap with
+    stride 2 or 3 (starts 0,2,4,6,9,11,...). As a matmul it needs no reshapes and is exact."""
+    a = torch.zeros(n_out, n_in, dtype=torch.float64)
+    for i in range(n_out):
+        lo, hi = (i * n_in) // n_out, -((-(i + 1) * n_in) // n_out)
+        a[i, lo:hi] = 1.0 / (hi - lo)
+    return torch.kron(a, a)
+
+
+class Projector(nn.Module):
+    def __init__(self, vision_dim: int, llm_dim: int, grid: int, tokens: int):
+        super().__init__()
+        self.grid, self.tokens = grid, tokens
+        if math.isqrt(tokens) ** 2 != tokens or tokens > grid * grid:
+            raise ValueError(f"image tokens must be a square <= {grid * grid}, got {tokens}")
+        self.fc1 = nn.Linear(vision_dim, llm_dim)
+        self.fc2 = nn.Linear(llm_dim, llm_dim)
+
+    def forward(self, x):  # (N, grid^2, vision_dim) -> (N, tokens, llm_dim)
+        if self.tokens != x.shape[1]:
+            p = pool_matrix(self.grid, math.isqrt(self.tokens)).to(x.device, x.dtype)
+            x = torch.matmul(p, x)
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Attention over (packed) rows. One `Attention` per forward, shared by all layers.
+
+
+@dataclass
+class Attention:
+    kind: str = "causal"  # causal | docs (per-document SDPA loop) | mask (boolean mask) | flex (block mask)
+    segments: list | None = None  # kind=docs: per row, (start, end) of each document
+    mask: torch.Tensor | None = None  # kind=mask: (B, 1, Tq, Tk) bool, True may attend
+    block_mask: object = None  # kind=flex
+
+
+def doc_ids_from_lens(doc_lens: list[list[int]], device) -> torch.Tensor:
+    return torch.stack([torch.repeat_interleave(torch.arange(len(d)), torch.tensor(d)) for d in doc_lens]).to(device)
+
+
+def position_ids_from_lens(doc_lens: list[list[int]], device) -> torch.Tensor:
+    """Positions restart at 0 at every document, so a packed document sees exactly what it would see alone."""
+    return torch.stack([torch.cat([torch.arange(n) for n in d]) for d in doc_lens]).to(device)
+
+
+_flex_compiled = None
+
+
+def make_attention(doc_lens: list[list[int]] | None, device, backend: str = "auto") -> Attention:
+    """Document-masked causal attention for packed rows (doc_lens: per row, the lengths of its documents, summing to
+    the row length). On GPU flex attention skips the masked blocks entirely. On CPU flex has no backward, so:
+    a per-document SDPA loop, or one boolean mask when documents are many and short (machine.md: the mask wins
+    past ~32 documents per 2k tokens)."""
+    if doc_lens is None or all(len(d) == 1 for d in doc_lens):
+        return Attention("causal")
+    if backend == "auto":
+        mean_len = sum(map(sum, doc_lens)) / sum(map(len, doc_lens))
+        backend = "flex" if torch.device(device).type == "cuda" else ("docs" if mean_len >= 64 else "mask")
+    if backend == "docs":
+        segs = []
+        for d in doc_lens:
+            ends = np.cumsum(d).tolist()
+            segs.append(list(zip([0] + ends[:-1], ends)))
+        return Attention("docs", segments=segs)
+    doc = doc_ids_from_lens(doc_lens, device)
+    if backend == "mask":
+        T = doc.shape[1]
+        causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
+        return Attention("mask", mask=((doc[:, :, None] == doc[:, None, :]) & causal)[:, None])
+    if backend == "flex":
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        def same_doc_causal(b, h, q, kv):
+            return (doc[b, q] == doc[b, kv]) & (q >= kv)
+
+        B, T = doc.shape
+        return Attention("flex", block_mask=create_block_mask(same_doc_causal, B, None, T, T, device=device))
+    raise ValueError(f"unknown attention backend {backend!r}")
+
+
+def attend(q, k, v, attn: Attention):
+    """q (B, H, T, hd); k, v (B, Hkv, S, hd) -> (B, H, T, hd). GQA without materializing repeated heads."""
+    if attn.kind == "causal":
+        return F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1, enable_gqa=True)
+    if attn.kind == "mask":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn.mask, enable_gqa=True)
+    if attn.kind == "docs":
+        return torch.stack([torch.cat([
+            F.scaled_dot_product_attention(q[b:b + 1, :, s:e], k[b:b + 1, :, s:e], v[b:b + 1, :, s:e],
+                                           is_causal=True, enable_gqa=True)
+            for s, e in segs], dim=2)[0] for b, segs in enumerate(attn.segments)])
+    global _flex_compiled
+    from torch.nn.attention.flex_attention import flex_attention
+    if q.is_cuda and _flex_compiled is None:
+        _flex_compiled = torch.compile(flex_attention, dynamic=False)
+    fn = _flex_compiled if q.is_cuda else flex_attention
+    return fn(q, k, v, block_mask=attn.block_mask, enable_gqa=True)
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Qwen2 decoder (§1.5): RMSNorm, RoPE, GQA with q/k/v bias, SwiGLU; tied or untied head.
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, d: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(d))
+
+    def forward(self, x):  # in fp32, then back, as Qwen2 does
+        x32 = x.float()
+        return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+
+def rope(positions, head_dim: int, theta: float, dtype):
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float, device=positions.device) / head_dim))
+    f = positions[..., None].float() * inv_freq
+    f = torch.cat([f, f], dim=-1)[:, None]  # (B, 1, T, head_dim): broadcast over heads
+    return f.cos().to(dtype), f.sin().to(dtype)
+
+
+def apply_rope(x, cos, sin):
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+class QwenBlock(nn.Module):
+    def __init__(self, c: QwenConfig):
+        super().__init__()
+        self.c = c
+        d, hd = c.hidden_size, c.head_dim
+        self.attn_norm = RMSNorm(d, c.eps)
+        self.qkv = nn.Linear(d, (c.num_heads + 2 * c.num_kv_heads) * hd, bias=True)  # fused q, k, v (with bias)
+        self.o_proj = nn.Linear(c.num_heads * hd, d, bias=False)
+        self.mlp_norm = RMSNorm(d, c.eps)
+        self.gate_up = nn.Linear(d, 2 * c.intermediate_size, bias=False)  # fused gate and up projections
+        self.down = nn.Linear(c.intermediate_size, d, bias=False)
+
+    def forward(self, x, cos, sin, attn: Attention, cache: KVCache | None = None, layer: int = 0):
+        B, T, _ = x.shape
+        c, hd = self.c, self.c.head_dim
+        q, k, v = self.qkv(self.attn_norm(x)).split([c.num_heads * hd, c.num_kv_heads * hd, c.num_kv_heads * hd], -1)
+        q = apply_rope(q.view(B, T, c.num_heads, hd).transpose(1, 2), cos, sin)
+        k = apply_rope(k.view(B, T, c.num_kv_heads, hd).transpose(1, 2), cos, sin)
+        v = v.view(B, T, c.num_kv_heads, hd).transpose(1, 2)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)
+        x = x + self.o_proj(attend(q, k, v, attn).transpose(1, 2).reshape(B, T, c.num_heads * hd))
+        gate, up = self.gate_up(self.mlp_norm(x)).chunk(2, dim=-1)
+        return x + self.down(F.silu(gate) * up)
+
+
+class Qwen2(nn.Module):
+    def __init__(self, c: QwenConfig):
+        super().__init__()
+        self.config = c
+        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
+        self.layers = nn.ModuleList(QwenBlock(c) for _ in range(c.num_layers))
+        self.norm = RMSNorm(c.hidden_size, c.eps)
+        self.lm_head = None if c.tie_embeddings else nn.Linear(c.hidden_size, c.vocab_size, bias=False)
+
+    def head_weight(self):
+        return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    def forward(self, input_ids=None, embeds=None, positions=None, attn: Attention | None = None, targets=None,
+                cache: KVCache | None = None):
+        """input_ids or embeds (B, T) -> logits (B, T, V); with `targets` (B, T, already shifted, IGNORE where
+        unsupervised) -> the *sum* of token cross-entropies in fp32, computing logits only at supervised positions
+        (most positions of a pre-training row are image tokens). The caller divides by its global token count."""
+        x = self.embed_tokens(input_ids) if embeds is None else embeds
+        B, T, _ = x.shape
+        if positions is None:
+            start = 0 if cache is None else cache.length
+            positions = torch.arange(start, start + T, device=x.device).expand(B, T)
+        cos, sin = rope(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
+        attn = attn or Attention("causal")
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, attn, cache, i)
+        if cache is not None:
+            cache.length += T
+        x = self.norm(x)
+        if targets is None:
+            return F.linear(x, self.head_weight())
+        keep = targets != IGNORE
+        logits = F.linear(x[keep], self.head_weight()).float()
+        return F.cross_entropy(logits, targets[keep], reduction="sum")
+
+    from_pretrained = classmethod(lambda cls, src, **kw: load_qwen(src, **kw))
+
+
+class KVCache:
+    """Preallocated keys/values for every layer; `mask` marks real (not left-padding) key positions."""
+
+    def __init__(self, c: QwenConfig, batch: int, max_len: int, dtype, device):
+        shape = (c.num_layers, batch, c.num_kv_heads, max_len, c.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.length = 0
+
+    def update(self, layer: int, k, v):
+        end = self.length + k.shape[2]
+        self.k[layer, :, :, self.length:end] = k
+        self.v[layer, :, :, self.length:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# The VLM (§1.7): image features replace the image placeholders, in order; packed rows attend per document.
+
+
+@dataclass
+class VLMConfig:
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    llm: QwenConfig = field(default_factory=QwenConfig)
+    image_tokens: int = 144  # per image: 144 (12x12 pooling) in pre-training, 729 (no pooling) in SFT
+
+    @classmethod
+    def from_dict(cls, d: dict) -> VLMConfig:
+        return cls(VisionConfig(**d["vision"]), QwenConfig(**d["llm"]), d["image_tokens"])
+
+
+def preset(name: str, vocab_size: int | None = None) -> VLMConfig:
+    """`paper`: SigLIP-so400m-patch14-384 (exact GELU, as the timm weights the official code ran) + Qwen2.5-1.5B.
+    `tiny`: the same architecture shrunk to train in minutes on a CPU over the toy world (64 px images)."""
+    if name == "paper":
+        return VLMConfig(VisionConfig(act="gelu", use_head=False), QwenConfig(**({"vocab_size": vocab_size} if vocab_size else {})), 144)
+    if name == "tiny":
+        return VLMConfig(VisionConfig(64, 8, 96, 256, 3, 4, act="gelu", use_head=False),
+                         QwenConfig(vocab_size or 4096, 128, 384, 4, 4, 2, 32, 1e4), 16)
+    raise ValueError(f"unknown preset {name!r} (tiny or paper)")
+
+
+def expand_images(ids: np.ndarray, image_tokens: int) -> np.ndarray:
+    """One IMAGE_ID per image -> image_tokens of them (the model's sequence)."""
+    return np.repeat(ids, np.where(ids == IMAGE_ID, image_tokens, 1))
+
+
+def collate_rows(rows: list[dict], image_tokens: int, seq_len: int, pad_id: int) -> dict:
+    """Packed rows -> model inputs. A row has `input_ids` (one IMAGE_ID per image), `doc_lengths` (its documents'
+    lengths in those ids) and optionally `labels` (same length, IGNORE where unsupervised; default: every token but
+    images). Returns input_ids and targets (B, seq_len) and doc_lens (per row, expanded document lengths then the
+    padding as one more segment). targets[t] is the token after t within its document: the last token of a document,
+    images and padding are never supervised."""
+    input_ids = np.full((len(rows), seq_len), pad_id, dtype=np.int64)
+    targets = np.full((len(rows), seq_len), IGNORE, dtype=np.int64)
+    doc_lens = []
+    for b, row in enumerate(rows):
+        ids = np.asarray(row["input_ids"], dtype=np.int64)
+        labels = np.asarray(row["labels"], dtype=np.int64) if row.get("labels") is not None else ids
+        labels = np.where(ids == IMAGE_ID, IGNORE, labels)
+        rep = np.where(ids == IMAGE_ID, image_tokens, 1)
+        starts = np.cumsum([0] + list(row["doc_lengths"][:-1]))
+        if sum(row["doc_lengths"]) != len(ids):
+            raise ValueError(f"row {b}: doc_lengths sum to {sum(row['doc_lengths'])}, row has {len(ids)} ids")
+        lens = np.add.reduceat(rep, starts).tolist() if len(ids) else []
+        n = sum(lens)
+        if n > seq_len:
+            raise ValueError(f"row {b}: {n} tokens after image expansion, over seq_len {seq_len}")
+        input_ids[b, :n] = np.repeat(ids, rep)
+        tgt = np.repeat(labels, rep)
+        targets[b, : n - 1] = tgt[1:]
+        targets[b, np.cumsum(lens) - 1] = IGNORE  # no prediction across a document boundary
+        doc_lens.append(lens + ([seq_len - n] if n < seq_len else []))
+    return {"input_ids": torch.from_numpy(input_ids), "targets": torch.from_numpy(targets), "doc_lens": doc_lens}
+
+
+class VLM(nn.Module):
+    def __init__(self, c: VLMConfig):
+        super().__init__()
+        self.config = c
+        self.vision = SiglipVision(c.vision)
+        self.projector = Projector(c.vision.hidden_size, c.llm.hidden_size, c.vision.image_size // c.vision.patch_size,
+                                   c.image_tokens)
+        self.llm = Qwen2(c.llm)
+
+    def image_features(self, pixel_values):
+        frozen = not any(p.requires_grad for p in self.vision.parameters())
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):  # a frozen tower keeps no activations
+            f = self.vision(pixel_values)
+        return self.projector(f.to(self.projector.fc1.weight.dtype))
+
+    def embed(self, input_ids, pixel_values=None):
+        x = self.llm.embed_tokens(input_ids.clamp(min=0))
+        is_image = input_ids == IMAGE_ID
+        n_images = 0 if pixel_values is None else pixel_values.shape[0]
+        if int(is_image.sum()) != n_images * self.config.image_tokens:
+            raise ValueError(f"{int(is_image.sum())} image positions for {n_images} images of "
+                             f"{self.config.image_tokens} tokens")
+        if n_images:
+            return x.masked_scatter(is_image[..., None], self.image_features(pixel_values).to(x.dtype))
+        if self.training:  # every rank runs the tower and projector, or FSDP's collectives would wait forever
+            s = self.config.vision.image_size
+            dummy = torch.zeros(1, 3, s, s, device=x.device, dtype=self.vision.pos_embed.dtype)
+            x = x + 0.0 * self.image_features(dummy).sum().to(x.dtype)
+        return x
+
+    def forward(self, input_ids, pixel_values=None, doc_lens=None, targets=None, doc_mask: bool = True,
+                backend: str = "auto"):
+        """doc_mask=True: each packed document attends only to itself, positions restart per document (our default).
+        doc_mask=False: plain causal attention and positions over the whole row, as the paper trained."""
+        x = self.embed(input_ids, pixel_values)
+        if doc_mask and doc_lens is not None:
+            positions, attn = position_ids_from_lens(doc_lens, x.device), make_attention(doc_lens, x.device, backend)
+        else:
+            positions, attn = None, Attention("causal")
+        return self.llm(embeds=x, positions=positions, attn=attn, targets=targets)
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], pixel_values=None, max_new_tokens: int = 16, stop_ids=(),
+                 temperature: float = 0.0, top_p: float = 1.0, seed: int = 0) -> list[list[int]]:
+        """Batched decoding with a KV cache. Prompts hold one IMAGE_ID per image (images in order across the
+        batch); they are left-padded. Greedy at temperature 0, else sampled (nucleus top_p, seeded). Returns the new
+        tokens of each prompt, without the stop token that ended it."""
+        dev = self.llm.embed_tokens.weight.device
+        prompts = [expand_images(np.asarray(p, dtype=np.int64), self.config.image_tokens) for p in prompts]
+        B, L = len(prompts), max(map(len, prompts))
+        ids = torch.zeros(B, L, dtype=torch.long)
+        keys = torch.zeros(B, L + max_new_tokens, dtype=torch.bool)  # real (non-padding) key positions
+        for b, p in enumerate(prompts):
+            ids[b, L - len(p):] = torch.from_numpy(p)
+            keys[b, L - len(p): L] = True
+        ids, keys = ids.to(dev), keys.to(dev)
+        cache = KVCache(self.llm.config, B, L + max_new_tokens, self.llm.embed_tokens.weight.dtype, dev)
+
+        def attention(T):
+            q = torch.arange(cache.length, cache.length + T, device=dev)[:, None]
+            k = torch.arange(cache.length + T, device=dev)[None]
+            m = ((k <= q)[None] & keys[:, None, : cache.length + T]) | (k == q)[None]  # pads see themselves: no NaN
+            return Attention("mask", mask=m[:, None])
+
+        positions = (keys[:, :L].cumsum(1) - 1).clamp(min=0)
+        logits = self.llm(embeds=self.embed(ids, pixel_values), positions=positions, attn=attention(L), cache=cache)
+        logits, pos = logits[:, -1], positions[:, -1:]
+        gen = torch.Generator(dev).manual_seed(seed)
+        out, done = [[] for _ in range(B)], [False] * B
+        for _ in range(max_new_tokens):
+            if temperature <= 0:
+                tok = logits.argmax(-1)
+            else:
+                probs = torch.softmax(logits.float() / temperature, -1)
+                p_sorted, idx = probs.sort(-1, descending=True)
+                p_sorted[(p_sorted.cumsum(-1) - p_sorted) > top_p] = 0  # keep the smallest set with mass >= top_p
+                tok = idx.gather(-1, torch.multinomial(p_sorted, 1, generator=gen))[:, 0]
+            for b, t in enumerate(tok.tolist()):
+                if not done[b]:
+                    done[b] = t in stop_ids
+                    out[b] += [] if done[b] else [t]
+            if all(done) or len(out[0]) == max_new_tokens and all(len(o) == max_new_tokens or d for o, d in zip(out, done)):
+                break
+            keys[:, cache.length] = True
+            pos = pos + 1
+            logits = self.llm(input_ids=tok[:, None], positions=pos, attn=attention(1), cache=cache)[:, -1]
+        return out
+
+    def init_weights(self, seed: int = 0):
+        """Random init for training from scratch (tiny preset, tests): N(0, 0.02) like HF, then the projector with
+        PyTorch's default Linear init under seed 1152 (the official code seeds with the vision width, §1.3)."""
+        torch.manual_seed(seed)
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Conv2d, nn.Embedding)):
+                nn.init.normal_(m.weight, std=0.02)
+                if getattr(m, "bias", None) is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, (nn.LayerNorm, RMSNorm)):
+                nn.init.ones_(m.weight)
+                if getattr(m, "bias", None) is not None:
+                    nn.init.zeros_(m.bias)
+        nn.init.normal_(self.vision.pos_embed, std=0.02)
+        torch.manual_seed(1152)
+        self.projector.fc1.reset_parameters()
+        self.projector.fc2.reset_parameters()
+        return self
+
+    def save_pretrained(self, out_dir: str):
+        """config.json + model.safetensors (our key names), each written to a temp name then renamed."""
+        from safetensors.torch import save_file
+        os.makedirs(out_dir, exist_ok=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        save_file(state, os.path.join(out_dir, "model.safetensors.tmp"), metadata={"format": "pt"})
+        os.replace(os.path.join(out_dir, "model.safetensors.tmp"), os.path.join(out_dir, "model.safetensors"))
+        _write_json(os.path.join(out_dir, "config.json"),
+                    {"model_type": "open-qwen2vl", **dataclasses.asdict(self.config)})
+
+    from_pretrained = classmethod(lambda cls, src, **kw: load_vlm(src, **kw))
+
+
+def _write_json(path: str, obj):
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(path + ".tmp", path)
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Loading. A model is built on the meta device and each checkpoint tensor is converted and placed as it is read, so
+# a 1.5B model never exists twice in memory and can go straight to bf16. Key maps are explicit regex tables:
+# (checkpoint name, our name[, part, parts]) where parts > 1 are concatenated (we fuse q/k/v and gate/up).
+
+SKIP = "skip"
+_L = r"(?:encoder\.layers|blocks)\.(\d+)\."  # one pattern for both HF and timm block prefixes
+QWEN_KEYS = [
+    (r"(?:model\.)?embed_tokens\.weight", "embed_tokens.weight"), (r"(?:model\.)?norm\.weight", "norm.weight"),
+    (r"lm_head\.weight", "lm_head.weight"),
+    (r"(?:model\.)?layers\.(\d+)\.self_attn\.q_proj\.(weight|bias)", r"layers.\1.qkv.\2", 0, 3),
+    (r"(?:model\.)?layers\.(\d+)\.self_attn\.k_proj\.(weight|bias)", r"layers.\1.qkv.\2", 1, 3),
+    (r"(?:model\.)?layers\.(\d+)\.self_attn\.v_proj\.(weight|bias)", r"layers.\1.qkv.\2", 2, 3),
+    (r"(?:model\.)?layers\.(\d+)\.self_attn\.o_proj\.weight", r"layers.\1.o_proj.weight"),
+    (r"(?:model\.)?layers\.(\d+)\.mlp\.gate_proj\.weight", r"layers.\1.gate_up.weight", 0, 2),
+    (r"(?:model\.)?layers\.(\d+)\.mlp\.up_proj\.weight", r"layers.\1.gate_up.weight", 1, 2),
+    (r"(?:model\.)?layers\.(\d+)\.mlp\.down_proj\.weight", r"layers.\1.down.weight"),
+    (r"(?:model\.)?layers\.(\d+)\.input_layernorm\.weight", r"layers.\1.attn_norm.weight"),
+    (r"(?:model\.)?layers\.(\d+)\.post_attention_layernorm\.weight", r"layers.\1.mlp_norm.weight"),
+    (r".*rotary_emb\.inv_freq", SKIP),
+]
+SIGLIP_BLOCK_KEYS = [  # HF encoder.layers.N.* and timm blocks.N.*
+    (_L + r"(?:layer_norm|norm)([12])\.(weight|bias)", r"blocks.\1.norm\2.\3"),
+    (_L + r"self_attn\.q_proj\.(weight|bias)", r"blocks.\1.qkv.\2", 0, 3),
+    (_L + r"self_attn\.k_proj\.(weight|bias)", r"blocks.\1.qkv.\2", 1, 3),
+    (_L + r"self_attn\.v_proj\.(weight|bias)", r"blocks.\1.qkv.\2", 2, 3),
+    (_L + r"attn\.qkv\.(weight|bias)", r"blocks.\1.qkv.\2"),
+    (_L + r"(?:self_attn\.out_proj|attn\.proj)\.(weight|bias)", r"blocks.\1.proj.\2"),
+    (_L + r"mlp\.(fc[12])\.(weight|bias)", r"blocks.\1.\2.\3"),
+    (r"embeddings\.position_ids", SKIP),
+]
+VISION_KEYS = SIGLIP_BLOCK_KEYS + [
+    (r"embeddings\.patch_embedding\.(weight|bias)|patch_embed\.proj\.(weight|bias)", r"patch_embed.\1\2"),
+    (r"embeddings\.position_embedding\.weight|pos_embed", "pos_embed"),
+    (r"post_layernorm\.(weight|bias)|norm\.(weight|bias)", r"post_norm.\1\2"),
+    (r"head\.probe|attn_pool\.latent", "head.probe"),
+    (r"head\.attention\.in_proj_(weight|bias)", r"head.in_proj.\1"),
+    (r"attn_pool\.q\.(weight|bias)", r"head.in_proj.\1", 0, 2), (r"attn_pool\.kv\.(weight|bias)", r"head.in_proj.\1", 1, 2),
+    (r"head\.attention\.out_proj\.(weight|bias)|attn_pool\.proj\.(weight|bias)", r"head.out_proj.\1\2"),
+    (r"head\.layernorm\.(weight|bias)|attn_pool\.norm\.(weight|bias)", r"head.norm.\1\2"),
+    (r"(?:head|attn_pool)\.mlp\.(fc[12])\.(weight|bias)", r"head.\1.\2"),
+]
+TEXT_KEYS = SIGLIP_BLOCK_KEYS + [
+    (r"embeddings\.token_embedding\.weight", "token_embed.weight"),
+    (r"embeddings\.position_embedding\.weight", "pos_embed"),
+    (r"final_layer_norm\.(weight|bias)", r"final_norm.\1"), (r"head\.(weight|bias)", r"head.\1"),
+]
+
+
+def _mapper(*tables):
+    """(checkpoint prefix, rules, our prefix) tables -> name -> (our name, part, parts) | SKIP | None (unknown)."""
+    import re
+    compiled = [(pre, re.compile(r[0]), r[1], r[2:] or (0, 1), ours) for pre, rules, ours in tables for r in rules]
+
+    def key_map(name):
+        for pre, rx, repl, part, ours in compiled:
+            if name.startswith(pre) and (m := rx.fullmatch(name[len(pre):])):
+                return SKIP if repl == SKIP else (ours + m.expand(repl), *part)
+        return None
+    return key_map
+
+
+def resolve(src: str, patterns=("config.json", "*.safetensors", "*.safetensors.index.json")) -> str:
+    """A local directory or file, or a hub id fetched with snapshot_download (only the files we read)."""
+    if os.path.exists(src):
+        return src
+    if src.count("/") != 1 or src.startswith((".", "/")):
+        raise FileNotFoundError(f"{src}: no such file or directory")
+    from huggingface_hub import snapshot_download
+    try:
+        return snapshot_download(src, allow_patterns=list(patterns))
+    except Exception as e:
+        raise FileNotFoundError(f"{src}: not a local path, and the hub could not provide it ({e})") from None
+
+
+def read_config(d: str) -> dict:
+    path = os.path.join(d, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{d}: no config.json")
+    with open(path) as f:
+        return json.load(f)
+
+
+def weight_files(d: str) -> list[str]:
+    if os.path.isfile(d):
+        return [d]
+    index = os.path.join(d, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            return sorted({os.path.join(d, v) for v in json.load(f)["weight_map"].values()})
+    files = sorted(os.path.join(d, f) for f in os.listdir(d) if f.endswith(".safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{d}: no model.safetensors or model.safetensors.index.json")
+    return files
+
+
+def iter_tensors(files: list[str]):
+    """(file, name, tensor) for every tensor, read lazily (safetensors mmaps)."""
+    from safetensors import safe_open
+    for path in files:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path}: weight file missing")
+        try:
+            with safe_open(path, "pt") as f:
+                for name in f.keys():
+                    yield path, name, f.get_tensor(name)
+        except (OSError, RuntimeError, ValueError) as e:
+            if isinstance(e, (KeyError, FileNotFoundError)) or str(e).startswith(path):
+                raise
+            raise ValueError(f"{path}: unreadable safetensors file ({e})") from None
+
+
+def load_into(model: nn.Module, tensors, key_map, dtype=None) -> nn.Module:
+    """Fill `model` (on the meta device) from (file, name, tensor) triples. Every checkpoint tensor must map to a
+    parameter with the right shape, and every parameter must be filled: anything else is an error naming it."""
+    params = dict(model.named_parameters())
+    parts: dict[str, dict] = {}
+    for path, name, t in tensors:
+        m = key_map(name)
+        if m == SKIP:
+            continue
+        if m is None or m[0] not in params:
+            raise KeyError(f"{path}: unexpected tensor {name!r}" + (f" (-> {m[0]!r})" if m else ""))
+        ours, part, n = m
+        t = t.to(dtype or params[ours].dtype)
+        if n > 1:
+            parts.setdefault(ours, {})[part] = (t, name)
+            if len(parts[ours]) < n:
+                continue
+            got = parts.pop(ours)
+            name = "+".join(got[i][1] for i in range(n))
+            t = torch.cat([got[i][0] for i in range(n)])
+        want = params[ours].shape
+        if t.shape != want and t.shape[0] == 1 and t.shape[1:] == want:  # timm keeps a batch dim on pos_embed
+            t = t[0]
+        if t.shape != want:
+            raise ValueError(f"{path}: tensor {name!r} has shape {tuple(t.shape)}, expected {tuple(want)} for {ours}")
+        mod, _, leaf = ours.rpartition(".")
+        old = params[ours]
+        setattr(model.get_submodule(mod), leaf, nn.Parameter(t, requires_grad=old.requires_grad))
+        params[ours] = getattr(model.get_submodule(mod), leaf)
+    missing = [k for k, p in model.named_parameters() if p.is_meta] + [k + " (partial)" for k in parts]
+    if missing:
+        raise KeyError(f"checkpoint lacks {len(missing)} tensor(s): {', '.join(missing[:8])}")
+    return model
+
+
+def load_qwen(src: str, dtype=None) -> Qwen2:
+    d = resolve(src)
+    cfg = QwenConfig.from_hf(read_config(d))
+    with torch.device("meta"):
+        model = Qwen2(cfg)
+    rules = ([(r"lm_head\.weight", SKIP)] if cfg.tie_embeddings else []) + QWEN_KEYS  # tied: the head is the embedding
+    return load_into(model, iter_tensors(weight_files(d)), _mapper(("", rules, "")), dtype)
+
+
+def load_vision(src: str, config: VisionConfig | None = None, act: str | None = None, dtype=None) -> SiglipVision:
+    """HF SigLIP (full model or vision-only) or timm/open_clip layouts (`visual.trunk.` prefix optional). A timm
+    checkpoint has no config.json: pass `config`, or the shapes must be so400m/14@384 (exact GELU, as timm runs it)."""
+    d = resolve(src, ("config.json", "*.safetensors", "*.safetensors.index.json", "open_clip_config.json"))
+    if config is None:
+        if os.path.isfile(os.path.join(d, "config.json")) if os.path.isdir(d) else False:
+            c = read_config(d)
+            config = VisionConfig.from_hf(c.get("vision_config", c))
+        else:
+            shapes = {n: t.shape for _, n, t in iter_tensors(weight_files(d))}
+            if not any(s[-2:] == (729, 1152) for n, s in shapes.items() if n.endswith("pos_embed")):
+                raise ValueError(f"{src}: no config.json; pass config=VisionConfig(...)")
+            config = VisionConfig(act="gelu")
+    if act is not None:
+        config = dataclasses.replace(config, act=_act(act))
+    with torch.device("meta"):
+        model = SiglipVision(config)
+    skip = [(r"text_model\..*|text\..*|logit_(scale|bias)", SKIP)]
+    if not config.use_head:
+        skip.append((r"(?:vision_model\.|visual\.trunk\.)?(?:head|attn_pool)\..*", SKIP))
+    key_map = _mapper(("", skip, ""), ("vision_model.", VISION_KEYS, ""), ("visual.trunk.", VISION_KEYS, ""),
+                      ("", VISION_KEYS, ""))
+    return load_into(model, iter_tensors(weight_files(d)), key_map, dtype)
+
+
+def load_siglip(src: str, dtype=None) -> Siglip:
+    d = resolve(src)
+    c = read_config(d)
+    with torch.device("meta"):
+        model = Siglip(VisionConfig.from_hf(c["vision_config"]), TextConfig.from_hf(c["text_config"]))
+    key_map = _mapper(("vision_model.", VISION_KEYS, "vision."), ("text_model.", TEXT_KEYS, "text."),
+                      ("", [(r"logit_(scale|bias)", r"logit_\1")], ""))
+    return load_into(model, iter_tensors(weight_files(d)), key_map, dtype)
+
+
+def load_vlm(src: str, dtype=None) -> VLM:
+    """A VLM saved by `VLM.save_pretrained` (our key names; reloads bit-identically)."""
+    d = resolve(src)
+    c = read_config(d)
+    if c.get("model_type") != "open-qwen2vl":
+        raise ValueError(f"{d}: config.json is not an open-qwen2vl VLM (model_type={c.get('model_type')!r})")
+    with torch.device("meta"):
+        model = VLM(VLMConfig.from_dict(c))
+    return load_into(model, iter_tensors(weight_files(d)), lambda n: (n, 0, 1), dtype)
