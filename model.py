@@ -967,11 +967,10 @@ def iter_tensors(files: list[str]):
             raise FileNotFoundError(f"{path}: weight file missing")
         try:
             with safe_open(path, "pt") as f:
-                for name in f.keys():
+                names = list(f.keys())
+                for name in names:
                     yield path, name, f.get_tensor(name)
-        except (OSError, RuntimeError, ValueError) as e:
-            if isinstance(e, (KeyError, FileNotFoundError)) or str(e).startswith(path):
-                raise
+        except Exception as e:  # safetensors' own error type; our consumers' errors never pass through here
             raise ValueError(f"{path}: unreadable safetensors file ({e})") from None
 
 
@@ -1063,3 +1062,36 @@ def load_vlm(src: str, dtype=None) -> VLM:
     with torch.device("meta"):
         model = VLM(VLMConfig.from_dict(c))
     return load_into(model, iter_tensors(weight_files(d)), lambda n: (n, 0, 1), dtype)
+
+
+def build_vlm(vision: str, llm: str, image_tokens: int = 144, act: str | None = None, dtype=None) -> VLM:
+    """The pre-training start (§3.1): pretrained SigLIP and Qwen2 (local dirs or hub ids), a fresh projector."""
+    v, q = load_vision(vision, act=act, dtype=dtype), load_qwen(llm, dtype=dtype)
+    with torch.device("meta"):
+        model = VLM(VLMConfig(v.config, q.config, image_tokens))
+    model.vision, model.llm = v, q
+    model.projector = Projector(v.config.hidden_size, q.config.hidden_size, v.config.image_size // v.config.patch_size,
+                                image_tokens)
+    torch.manual_seed(1152)  # the official projector init seed (§1.3)
+    model.projector.fc1.reset_parameters()
+    model.projector.fc2.reset_parameters()
+    return model.to(dtype) if dtype else model
+
+
+def load_official(ckpt: str, vision: str, llm: str, image_tokens: int = 144, dtype=None) -> VLM:
+    """The official `latest-checkpoint.pt`: {"model": {"projector": {mlp_projector.0/2.*}, "llm_backbone": {llm.*}}}
+    in fp32 (§8.10). It has no vision weights (they come from `vision`, timm or HF SigLIP) and no LLM config (read
+    from `llm`'s config.json). Loaded with weights_only=True: no code in a checkpoint ever runs."""
+    sd = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)["model"]
+    c = QwenConfig.from_hf(read_config(resolve(llm, ("config.json",))))
+    v = load_vision(vision, dtype=dtype)
+    with torch.device("meta"):
+        model = VLM(VLMConfig(v.config, c, image_tokens))
+    model.vision = v
+    rules = [(r"projector\.mlp_projector\.0\.(weight|bias)", r"projector.fc1.\1"),
+             (r"projector\.mlp_projector\.2\.(weight|bias)", r"projector.fc2.\1")]
+    tied = [("llm.lm_head.weight", SKIP)] if c.tie_embeddings else []  # the official file stores a tied head twice
+    key_map = _mapper(("", rules, ""), ("llm.", [(r"lm_head\.weight", SKIP)] * bool(tied) + QWEN_KEYS, "llm."))
+    tensors = [(ckpt, f"{part}.{k}".replace("llm_backbone.", ""), t) for part in ("projector", "llm_backbone")
+               for k, t in sd[part].items()]
+    return load_into(model, tensors, key_map, dtype)

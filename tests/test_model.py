@@ -161,3 +161,322 @@ def test_paper_shapes_forward(name):
             assert out.shape == (1, 16, 151936)
             assert sum(p.numel() for p in net.parameters()) == pytest.approx(1.54e9, rel=0.01)
     assert torch.isfinite(out.float()).all()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The VLM: packed rows, generation, save/load
+
+QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+                 "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
+                 "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>", "<tool_call>", "</tool_call>",
+                 "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>"]
+
+
+def tiny_vlm(image_tokens=4, seed=0):
+    cfg = M.VLMConfig(M.VisionConfig(16, 4, 32, 64, 3, 4, act="gelu", use_head=False),
+                      M.QwenConfig(300, 64, 128, 2, 4, 2, 16, 1e4), image_tokens)
+    return M.VLM(cfg).init_weights(seed).eval()
+
+
+def doc(rng, n_text, n_images=1):
+    ids = [1] + [M.IMAGE_ID] * n_images + rng.integers(3, 300, n_text).tolist() + [2]
+    return ids
+
+
+@pytest.mark.parametrize("backend", ["docs", "mask", "flex"])
+def test_packed_row_equals_documents_alone(backend):
+    net = tiny_vlm()
+    rng = np.random.default_rng(0)
+    docs = [doc(rng, 5), doc(rng, 9, 2), doc(rng, 3)]
+    images = torch.randn(4, 3, 16, 16)
+    row = {"input_ids": sum(docs, []), "doc_lengths": [len(d) for d in docs]}
+    batch = M.collate_rows([row], 4, 64, pad_id=0)
+    with torch.no_grad():
+        packed = net(batch["input_ids"], images, batch["doc_lens"], backend=backend)[0]
+        start, img = 0, 0
+        for d in docs:
+            n_img = d.count(M.IMAGE_ID)
+            alone = M.collate_rows([{"input_ids": d, "doc_lengths": [len(d)]}], 4, len(d) + 3 * n_img, 0)
+            want = net(alone["input_ids"], images[img:img + n_img])[0]
+            n = want.shape[0]
+            assert (packed[start:start + n] - want).abs().max() < 1e-5
+            start, img = start + n, img + n_img
+        plain = net(batch["input_ids"], images, batch["doc_lens"], doc_mask=False)[0]
+        assert (plain[start - 5:start] - packed[start - 5:start]).abs().max() > 1e-4  # the paper's mode does leak
+
+
+def test_packed_loss_is_token_weighted_mean_of_documents():
+    net = tiny_vlm()
+    rng = np.random.default_rng(1)
+    docs = [doc(rng, 7), doc(rng, 2), doc(rng, 11, 2)]
+    images = torch.randn(4, 3, 16, 16)
+    batch = M.collate_rows([{"input_ids": sum(docs, []), "doc_lengths": [len(d) for d in docs]}], 4, 80, 0)
+    with torch.no_grad():
+        total = net(batch["input_ids"], images, batch["doc_lens"], targets=batch["targets"])
+        alone, img = 0.0, 0
+        for d in docs:
+            n_img = d.count(M.IMAGE_ID)
+            b = M.collate_rows([{"input_ids": d, "doc_lengths": [len(d)]}], 4, len(d) + 3 * n_img, 0)
+            alone += net(b["input_ids"], images[img:img + n_img], targets=b["targets"])
+            img += n_img
+    assert abs(total - alone) < 1e-4
+    n_sup = int((batch["targets"] != M.IGNORE).sum())
+    assert n_sup == sum(len(d) - d.count(M.IMAGE_ID) - 1 for d in docs)  # per doc: text tokens after the first
+
+
+def test_collate_targets_layout():
+    ids = [1, M.IMAGE_ID, 10, 11, 2, 1, 12, 2]
+    b = M.collate_rows([{"input_ids": ids, "doc_lengths": [5, 3]}], 3, 14, pad_id=0)
+    I = M.IMAGE_ID
+    assert b["input_ids"][0].tolist() == [1, I, I, I, 10, 11, 2, 1, 12, 2, 0, 0, 0, 0]
+    X = M.IGNORE  # BOS predicts an image (ignored); doc ends, padding and images are never targets
+    assert b["targets"][0].tolist() == [X, X, X, 10, 11, 2, X, 12, 2, X, X, X, X, X]
+    assert b["doc_lens"] == [[7, 3, 4]]
+    with pytest.raises(ValueError, match="over seq_len"):
+        M.collate_rows([{"input_ids": ids, "doc_lengths": [5, 3]}], 3, 9, 0)
+
+
+def greedy_full_forward(net, prompt, image, n):
+    out = []
+    for _ in range(n):
+        ids = torch.from_numpy(M.expand_images(np.array(prompt + out), net.config.image_tokens))[None]
+        with torch.no_grad():
+            out.append(int(net(ids, image)[0, -1].argmax()))
+    return out
+
+
+def test_kv_cache_generation_equals_full_forward():
+    net = tiny_vlm(seed=3)
+    rng = np.random.default_rng(2)
+    prompts = [[1, M.IMAGE_ID] + rng.integers(3, 300, 6).tolist(), [1, M.IMAGE_ID] + rng.integers(3, 300, 2).tolist(),
+               [1] + rng.integers(3, 300, 4).tolist()]
+    images = torch.randn(2, 3, 16, 16)
+    got = net.generate(prompts, images, max_new_tokens=12)
+    want = [greedy_full_forward(net, prompts[0], images[:1], 12), greedy_full_forward(net, prompts[1], images[1:], 12),
+            greedy_full_forward(net, prompts[2], None, 12)]
+    assert got == want
+    stop = want[0][5]
+    first = want[0].index(stop)
+    assert net.generate(prompts[:1], images[:1], max_new_tokens=12, stop_ids=[stop])[0] == want[0][:first]
+    s1 = net.generate(prompts[:1], images[:1], 12, temperature=1.0, seed=5)
+    assert s1 == net.generate(prompts[:1], images[:1], 12, temperature=1.0, seed=5)  # sampling is seeded
+    assert s1 != net.generate(prompts[:1], images[:1], 12, temperature=1.0, seed=6)
+
+
+def test_vlm_save_reload_bit_identical(tmp_path):
+    net = tiny_vlm(seed=4)
+    net.save_pretrained(str(tmp_path / "vlm"))
+    again = M.VLM.from_pretrained(str(tmp_path / "vlm"))
+    assert again.config == net.config
+    a, b = net.state_dict(), again.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not [f for f in os.listdir(tmp_path / "vlm") if f.endswith(".tmp")]
+    bf = M.VLM.from_pretrained(str(tmp_path / "vlm"), dtype=torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for p in bf.parameters())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bad input names the file or tensor
+
+
+def test_bad_checkpoints_name_the_culprit(tmp_path):
+    ref, path = qwen_hf(tmp_path, tie=False, shard=False)
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        M.Qwen2.from_pretrained(str(tmp_path / "nowhere"))
+    from safetensors.torch import load_file, save_file
+    st = os.path.join(path, "model.safetensors")
+    sd = load_file(st)
+    bad = tmp_path / "bad"
+    for case in ("truncated", "shape", "unknown", "missing"):
+        os.makedirs(bad / case)
+        with open(os.path.join(path, "config.json")) as f, open(bad / case / "config.json", "w") as g:
+            g.write(f.read())
+        target = str(bad / case / "model.safetensors")
+        if case == "truncated":
+            data = open(st, "rb").read()
+            open(target, "wb").write(data[: len(data) // 2])
+            with pytest.raises(ValueError, match="model.safetensors"):
+                M.Qwen2.from_pretrained(str(bad / case))
+            continue
+        d = dict(sd)
+        if case == "shape":
+            d["model.layers.1.mlp.down_proj.weight"] = torch.zeros(3, 3)
+        elif case == "unknown":
+            d["model.layers.0.self_attn.extra.weight"] = torch.zeros(3)
+        else:
+            del d["model.norm.weight"]
+        save_file(d, target)
+        msg = {"shape": "model.layers.1.mlp.down_proj.weight", "unknown": "model.layers.0.self_attn.extra.weight",
+               "missing": "norm.weight"}[case]
+        with pytest.raises((ValueError, KeyError), match=msg.replace(".", r"\.")):
+            M.Qwen2.from_pretrained(str(bad / case))
+
+
+def test_loads_straight_into_bf16(tmp_path):
+    ref, path = qwen_hf(tmp_path, tie=True, shard=True)
+    net = M.Qwen2.from_pretrained(path, dtype=torch.bfloat16)
+    assert {p.dtype for p in net.parameters()} == {torch.bfloat16}
+    assert torch.equal(net.embed_tokens.weight, ref.model.embed_tokens.weight.to(torch.bfloat16))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tokenizer and formats
+
+
+def qwen_like_tokenizer(path, base_vocab=None):
+    """A byte-level BPE with Qwen2.5's special tokens appended after `base_vocab` regular entries."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import Regex
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {c: i for i, c in enumerate(sorted(alphabet))}
+    merges = [("Ġ", "a"), ("Ġa", "n"), ("r", "e"), ("Ġ", "re"), ("Ġre", "d")]
+    for a, b in merges:
+        vocab[a + b] = len(vocab)
+    for i in range(len(vocab), base_vocab or len(vocab)):
+        vocab[f"<unused{i}>"] = i
+    t = Tokenizer(models.BPE(vocab, merges))
+    pat = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+    t.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(pat), "isolated"),
+                                               pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    t.decoder = decoders.ByteLevel()
+    t.add_special_tokens(QWEN_SPECIALS)
+    t.save(str(path))
+    return str(path)
+
+
+def test_special_token_ids_match_the_paper(tmp_path):
+    tok = M.Tokenizer(qwen_like_tokenizer(tmp_path / "tokenizer.json", base_vocab=151643))
+    assert (tok.pad_id, tok.im_start_id, tok.eos_id) == (151643, 151644, 151645)
+    assert (tok.eoc_id, tok.bos_id) == (151665, 151666)
+    assert len(tok) == 151667
+
+
+@pytest.fixture
+def tok(tmp_path):
+    return M.Tokenizer(qwen_like_tokenizer(tmp_path / "tokenizer.json"))
+
+
+def test_caption_format(tok):
+    ids = M.caption_tokens(tok, "a red <|im_end|> <image>")
+    assert ids[:2] == [tok.bos_id, M.IMAGE_ID] and ids[-1] == tok.eos_id
+    assert ids.count(tok.eos_id) == 1 and ids.count(M.IMAGE_ID) == 1  # user text cannot inject specials or images
+    assert tok.decode(ids[2:-1]) == "\na red <|im_end|> <image>"
+    inter = M.interleaved_tokens(tok, [None, "an", None, "red"])
+    assert inter[0] == tok.bos_id and inter[-1] == tok.eos_id and inter.count(M.IMAGE_ID) == 2
+    assert inter.count(tok.eoc_id) == 2
+
+
+def test_chat_formats_and_label_masks(tok):
+    conv = [{"from": "human", "value": "<image>\nan red?"}, {"from": "gpt", "value": "re"},
+            {"from": "human", "value": "an"}, {"from": "gpt", "value": "red"}]
+    ids, labels = M.chat_tokens(tok, conv)
+    text = tok.decode([i if i != M.IMAGE_ID else tok.pad_id for i in ids], skip_special=False)
+    assert text == ("<s><|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n<|endoftext|>\n"
+                    "an red?<|im_end|>\n<|im_start|>assistant\nre<|im_end|>\n<|im_start|>user\nan<|im_end|>\n"
+                    "<|im_start|>assistant\nred<|im_end|>\n")
+    sup = tok.decode([i for i, lab in zip(ids, labels) if lab != M.IGNORE], skip_special=False)
+    assert sup == "re<|im_end|>\nred<|im_end|>\n"
+    assert all(lab in (M.IGNORE, i) for i, lab in zip(ids, labels))
+    ids, labels = M.chat_tokens(tok, conv[:2], style="release")
+    assert ids[0] == M.IMAGE_ID
+    text = tok.decode(ids[1:], skip_special=False)
+    assert text == ("\n<s><|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n\nan red?"
+                    "<|im_end|>assistantre<|im_end|>\n")
+    with pytest.raises(ValueError, match="turn 1"):
+        M.chat_tokens(tok, [conv[0], conv[0]])
+
+
+def test_no_loss_on_padding(tok):
+    ids, labels = M.chat_tokens(tok, [{"from": "human", "value": "an"}, {"from": "gpt", "value": "red"}])
+    b = M.collate_rows([{"input_ids": ids, "doc_lengths": [len(ids)], "labels": labels}], 4, len(ids) + 20, tok.pad_id)
+    t = b["targets"][0]
+    assert (t[len(ids) - 1:] == M.IGNORE).all()
+    assert int((t != M.IGNORE).sum()) == sum(lab != M.IGNORE for lab in labels)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Images
+
+
+def test_preprocess_matches_siglip_image_processor():
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 256, (37, 53, 3), dtype=np.uint8))
+    proc = transformers.SiglipImageProcessor(size={"height": 32, "width": 32})
+    want = proc(images=img, return_tensors="pt")["pixel_values"][0]
+    assert (M.preprocess(img, 32) - want).abs().max() < 1e-5
+
+
+def test_load_image_any_mode_and_bomb(tmp_path):
+    import io
+    from PIL import Image
+    for mode in ("RGBA", "P", "CMYK", "L", "I;16", "LA", "1"):
+        img = Image.new(mode, (9, 7))
+        buf = io.BytesIO()
+        img.save(buf, format="TIFF" if mode in ("CMYK", "I;16") else "PNG")
+        out = M.load_image(buf.getvalue())
+        assert out.mode == "RGB" and out.size == (9, 7)
+    rgba = Image.new("RGBA", (4, 4), (255, 0, 0, 0))  # fully transparent: composited on white
+    buf = io.BytesIO()
+    rgba.save(buf, format="PNG")
+    assert M.load_image(buf.getvalue()).getpixel((0, 0)) == (255, 255, 255)
+    big = io.BytesIO()
+    Image.new("L", (10000, 10000)).save(big, format="PNG")
+    with pytest.raises(ValueError, match="bomb"):
+        M.load_image(big.getvalue(), name="big.png")
+    with pytest.raises(FileNotFoundError):
+        M.load_image(str(tmp_path / "absent.jpg"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Command-line configs
+
+
+def test_parse_config():
+    from dataclasses import dataclass
+
+    @dataclass
+    class Cfg:
+        preset: str = "tiny"
+        lr: float = 1e-3
+        steps: int = 10
+        doc_mask: bool = True
+        compile: bool = False
+        out: str | None = None
+
+    presets = {"tiny": {"lr": 1e-3}, "paper": {"lr": 5e-5, "steps": 100}}
+    c = M.parse_config(Cfg, ["--preset", "paper", "--steps", "7", "--no-doc-mask", "--compile"], presets)
+    assert (c.lr, c.steps, c.doc_mask, c.compile) == (5e-5, 7, False, True)
+    c = M.parse_config(Cfg, ["--compile", "false", "--doc-mask=0", "--out", "x"], presets)
+    assert (c.compile, c.doc_mask, c.out) == (False, False, "x")
+    for bad in (["--bogus", "1"], ["--steps", "x"], ["--compile", "maybe"], ["--preset", "huge"]):
+        with pytest.raises((SystemExit, ValueError)):
+            M.parse_config(Cfg, bad, presets)
+
+
+def test_official_checkpoint_layout(tmp_path):
+    """{"model": {"projector": {mlp_projector.0/2.*}, "llm_backbone": {llm.model.*, llm.lm_head.weight}}}, a tied
+    head stored twice, vision from a separate SigLIP checkpoint."""
+    ref, llm_path = qwen_hf(tmp_path, tie=True, shard=False)
+    _, siglip_path = siglip_hf(tmp_path)
+    proj = M.Projector(48, 64, 4, 4)
+    sd = {"projector": {"mlp_projector.0.weight": proj.fc1.weight, "mlp_projector.0.bias": proj.fc1.bias,
+                        "mlp_projector.2.weight": proj.fc2.weight, "mlp_projector.2.bias": proj.fc2.bias},
+          "llm_backbone": {"llm." + k: v for k, v in ref.state_dict().items()}}
+    sd["llm_backbone"]["llm.lm_head.weight"] = ref.model.embed_tokens.weight.clone()
+    torch.save({"model": sd}, tmp_path / "latest-checkpoint.pt")
+    net = M.load_official(str(tmp_path / "latest-checkpoint.pt"), siglip_path, llm_path, image_tokens=4).eval()
+    ids = torch.randint(0, 300, (1, 9))
+    with torch.no_grad():
+        assert (net.llm(ids) - ref(input_ids=ids).logits).abs().max() < TOL
+    assert torch.equal(net.projector.fc2.weight, proj.fc2.weight)
+
+
+def test_build_vlm_from_parts(tmp_path):
+    ref, llm_path = qwen_hf(tmp_path, tie=False, shard=True)
+    _, siglip_path = siglip_hf(tmp_path)
+    net = M.build_vlm(siglip_path, llm_path, image_tokens=4).eval()
+    a = M.build_vlm(siglip_path, llm_path, image_tokens=4)
+    assert torch.equal(net.projector.fc1.weight, a.projector.fc1.weight)  # seeded like the official init
+    prompt = [[1, M.IMAGE_ID, 5, 6]]
+    assert len(net.generate(prompt, torch.randn(1, 3, 32, 32), max_new_tokens=3)[0]) == 3
