@@ -8,12 +8,12 @@ F.scaled_dot_product_attention, or flex attention on GPU for document-masked pac
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import io
 import json
 import math
 import os
-import sys
 import typing
 import warnings
 from dataclasses import dataclass, field
@@ -31,64 +31,32 @@ IGNORE = -100  # target id that never enters the loss
 # Command-line configs: every stage has one dataclass whose fields are its flags.
 
 
-def _parse_bool(s: str) -> bool:
-    v = s.lower()
-    if v in ("1", "true", "yes", "on"):
-        return True
-    if v in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(f"not a boolean: {s!r} (use true/false)")
+def _bool(s: str) -> bool:
+    if s.lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+        raise ValueError(s)
+    return s.lower() in ("1", "true", "yes", "on")
 
 
 def parse_config(cls, argv=None, presets: dict | None = None):
-    """Build dataclass `cls` from `--field-name value` flags. `--flag` alone sets a bool, `--no-flag` clears it,
-    `--flag false` works too. `--preset NAME` applies presets[NAME] before the other flags. Unknown flags are an
-    error, never ignored."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+    """Build dataclass `cls` from flags: field `seq_len` is `--seq-len N`. A bool is `--flag`, `--flag false` or
+    `--no-flag`. `--preset NAME` applies presets[NAME] under the explicit flags. Unknown flags are an error."""
     hints = typing.get_type_hints(cls)
-    fields = {f.name.replace("_", "-"): f.name for f in dataclasses.fields(cls)}
-    values: dict = {}
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        if not arg.startswith("--"):
-            raise SystemExit(f"{cls.__name__}: unexpected argument {arg!r}")
-        flag, _, inline = arg[2:].partition("=")
-        negated = flag.startswith("no-") and flag[3:] in fields and hints[fields[flag[3:]]] is bool
-        name = fields.get(flag[3:] if negated else flag)
-        if name is None:
-            raise SystemExit(f"{cls.__name__}: unknown flag --{flag} (known: {', '.join('--' + k for k in fields)})")
-        kind = hints[name]
+    p = argparse.ArgumentParser(description=cls.__doc__, allow_abbrev=False)
+    for f in dataclasses.fields(cls):
+        flag, kind = "--" + f.name.replace("_", "-"), hints[f.name]
         if kind is bool:
-            nxt = argv[i + 1] if i + 1 < len(argv) else None
-            if inline:
-                raw = inline
-            elif nxt is not None and not nxt.startswith("--"):
-                raw, i = nxt, i + 1
-            else:
-                raw = "true"
-            values[name] = (not _parse_bool(raw)) if negated else _parse_bool(raw)
+            p.add_argument(flag, type=_bool, nargs="?", const=True, dest=f.name, help=f"default {f.default}")
+            p.add_argument("--no-" + flag[2:], action="store_const", const=False, dest=f.name)
+        elif typing.get_origin(kind) is list:  # list[str]: `--input a b c`
+            p.add_argument(flag, type=typing.get_args(kind)[0], nargs="+", dest=f.name)
         else:
-            if inline:
-                raw = inline
-            else:
-                if i + 1 >= len(argv):
-                    raise SystemExit(f"{cls.__name__}: --{flag} needs a value")
-                raw, i = argv[i + 1], i + 1
-            base = [t for t in typing.get_args(kind) if t is not type(None)][0] if typing.get_args(kind) else kind
-            try:
-                values[name] = None if raw.lower() == "none" and base is not str else base(raw)
-            except ValueError as e:
-                raise SystemExit(f"{cls.__name__}: --{flag}: {e}") from None
-        i += 1
-    preset = values.get("preset", getattr(cls, "preset", None))
-    merged = {}
-    if presets is not None and preset is not None:
-        if preset not in presets:
-            raise SystemExit(f"{cls.__name__}: unknown preset {preset!r} (known: {', '.join(presets)})")
-        merged.update(presets[preset])
-    merged.update(values)
-    return cls(**merged)
+            base = next((t for t in typing.get_args(kind) if t is not type(None)), kind)
+            p.add_argument(flag, type=base, dest=f.name, help=f"default {f.default}")
+    given = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
+    name = given.get("preset", getattr(cls, "preset", None))
+    if presets is not None and name is not None and name not in presets:
+        p.error(f"unknown preset {name!r} (known: {', '.join(presets)})")
+    return cls(**{**(presets or {}).get(name, {}), **given})
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -202,7 +170,7 @@ def chat_tokens(tok: Tokenizer, turns: list[dict], style: str = "qwen2") -> tupl
         msg = turn["value"]
         if k % 2 == 0:
             if style == "release":
-                body = tok.encode("user\n\n" + msg.replace("<image>", "").strip())
+                body = tok.encode("user\n" + "\n" * ("<image>" in msg) + msg.replace("<image>", "").strip())
                 add([tok.im_start_id] + body + [tok.eos_id] + tok.encode("assistant"), False)
             else:
                 add([tok.im_start_id] + tok.encode_with_images("user\n" + msg.strip()) + [tok.eos_id]

@@ -433,9 +433,9 @@ def test_load_image_any_mode_and_bomb(tmp_path):
 
 
 def test_parse_config():
-    from dataclasses import dataclass
+    import dataclasses
 
-    @dataclass
+    @dataclasses.dataclass
     class Cfg:
         preset: str = "tiny"
         lr: float = 1e-3
@@ -443,12 +443,13 @@ def test_parse_config():
         doc_mask: bool = True
         compile: bool = False
         out: str | None = None
+        inputs: list[str] = dataclasses.field(default_factory=list)
 
     presets = {"tiny": {"lr": 1e-3}, "paper": {"lr": 5e-5, "steps": 100}}
     c = M.parse_config(Cfg, ["--preset", "paper", "--steps", "7", "--no-doc-mask", "--compile"], presets)
     assert (c.lr, c.steps, c.doc_mask, c.compile) == (5e-5, 7, False, True)
-    c = M.parse_config(Cfg, ["--compile", "false", "--doc-mask=0", "--out", "x"], presets)
-    assert (c.compile, c.doc_mask, c.out) == (False, False, "x")
+    c = M.parse_config(Cfg, ["--compile", "false", "--doc-mask=0", "--out", "x", "--inputs", "a", "b"], presets)
+    assert (c.compile, c.doc_mask, c.out, c.inputs) == (False, False, "x", ["a", "b"])
     for bad in (["--bogus", "1"], ["--steps", "x"], ["--compile", "maybe"], ["--preset", "huge"]):
         with pytest.raises((SystemExit, ValueError)):
             M.parse_config(Cfg, bad, presets)
