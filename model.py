@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from PIL import Image
 
 IMAGE_ID = -200  # placeholder id of an image in token sequences (the official IMAGE_TOKEN_INDEX)
@@ -599,6 +600,7 @@ class Qwen2(nn.Module):
         self.layers = nn.ModuleList(QwenBlock(c) for _ in range(c.num_layers))
         self.norm = RMSNorm(c.hidden_size, c.eps)
         self.lm_head = None if c.tie_embeddings else nn.Linear(c.hidden_size, c.vocab_size, bias=False)
+        self.checkpointing = False  # activation checkpointing per block (train.py --ac)
 
     def head_weight(self):
         return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
@@ -616,7 +618,10 @@ class Qwen2(nn.Module):
         cos, sin = rope(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
         attn = attn or Attention("causal")
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, attn, cache, i)
+            if self.checkpointing and torch.is_grad_enabled():  # keep only block inputs; recompute in backward
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, attn, cache, i, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, attn, cache, i)
         if cache is not None:
             cache.length += T
         x = self.norm(x)
@@ -813,16 +818,19 @@ class VLM(nn.Module):
         return self
 
     def save_pretrained(self, out_dir: str):
-        """config.json + model.safetensors (our key names), each written to a temp name then renamed."""
-        from safetensors.torch import save_file
-        os.makedirs(out_dir, exist_ok=True)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        save_file(state, os.path.join(out_dir, "model.safetensors.tmp"), metadata={"format": "pt"})
-        os.replace(os.path.join(out_dir, "model.safetensors.tmp"), os.path.join(out_dir, "model.safetensors"))
-        _write_json(os.path.join(out_dir, "config.json"),
-                    {"model_type": "open-qwen2vl", **dataclasses.asdict(self.config)})
+        save_vlm(out_dir, self.config, self.state_dict())
 
     from_pretrained = classmethod(lambda cls, src, **kw: load_vlm(src, **kw))
+
+
+def save_vlm(out_dir: str, config: VLMConfig, state: dict):
+    """config.json + model.safetensors (our key names), each written to a temp name then renamed."""
+    from safetensors.torch import save_file
+    os.makedirs(out_dir, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    save_file(state, os.path.join(out_dir, "model.safetensors.tmp"), metadata={"format": "pt"})
+    os.replace(os.path.join(out_dir, "model.safetensors.tmp"), os.path.join(out_dir, "model.safetensors"))
+    _write_json(os.path.join(out_dir, "config.json"), {"model_type": "open-qwen2vl", **dataclasses.asdict(config)})
 
 
 def _write_json(path: str, obj):
@@ -1021,14 +1029,16 @@ def load_siglip(src: str, dtype=None) -> Siglip:
     return load_into(model, iter_tensors(weight_files(d)), key_map, dtype)
 
 
-def load_vlm(src: str, dtype=None) -> VLM:
-    """A VLM saved by `VLM.save_pretrained` (our key names; reloads bit-identically)."""
+def load_vlm(src: str, dtype=None, image_tokens: int | None = None) -> VLM:
+    """A VLM saved by `save_vlm` (our key names; reloads bit-identically). `image_tokens` switches the pooling
+    (144 -> 729 for SFT, §1.4): the projector's weights do not depend on it."""
     d = resolve(src)
     c = read_config(d)
     if c.get("model_type") != "open-qwen2vl":
         raise ValueError(f"{d}: config.json is not an open-qwen2vl VLM (model_type={c.get('model_type')!r})")
+    c = VLMConfig.from_dict(c)
     with torch.device("meta"):
-        model = VLM(VLMConfig.from_dict(c))
+        model = VLM(dataclasses.replace(c, image_tokens=image_tokens or c.image_tokens))
     return load_into(model, iter_tensors(weight_files(d)), lambda n: (n, 0, 1), dtype)
 
 

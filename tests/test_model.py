@@ -1,5 +1,4 @@
 """model.py against transformers (the numerical oracle) on small random configs, in fp32."""
-import json
 import os
 
 import numpy as np
@@ -227,8 +226,8 @@ def test_packed_loss_is_token_weighted_mean_of_documents():
 def test_collate_targets_layout():
     ids = [1, M.IMAGE_ID, 10, 11, 2, 1, 12, 2]
     b = M.collate_rows([{"input_ids": ids, "doc_lengths": [5, 3]}], 3, 14, pad_id=0)
-    I = M.IMAGE_ID
-    assert b["input_ids"][0].tolist() == [1, I, I, I, 10, 11, 2, 1, 12, 2, 0, 0, 0, 0]
+    Im = M.IMAGE_ID
+    assert b["input_ids"][0].tolist() == [1, Im, Im, Im, 10, 11, 2, 1, 12, 2, 0, 0, 0, 0]
     X = M.IGNORE  # BOS predicts an image (ignored); doc ends, padding and images are never targets
     assert b["targets"][0].tolist() == [X, X, X, 10, 11, 2, X, 12, 2, X, X, X, X, X]
     assert b["doc_lens"] == [[7, 3, 4]]
@@ -325,8 +324,7 @@ def test_loads_straight_into_bf16(tmp_path):
 
 def qwen_like_tokenizer(path, base_vocab=None):
     """A byte-level BPE with Qwen2.5's special tokens appended after `base_vocab` regular entries."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from tokenizers import Regex
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     vocab = {c: i for i, c in enumerate(sorted(alphabet))}
     merges = [("Ġ", "a"), ("Ġa", "n"), ("r", "e"), ("Ġ", "re"), ("Ġre", "d")]
@@ -409,6 +407,7 @@ def test_preprocess_matches_siglip_image_processor():
 
 def test_load_image_any_mode_and_bomb(tmp_path):
     import io
+
     from PIL import Image
     for mode in ("RGBA", "P", "CMYK", "L", "I;16", "LA", "1"):
         img = Image.new(mode, (9, 7))
