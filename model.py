@@ -81,18 +81,10 @@ class Tokenizer:
         self.tok = tokenizers.Tokenizer.from_file(path)
         self.tok.add_special_tokens(self.ADDED)  # no-op for tokens the file already has
         self.tok.encode_special_tokens = True  # user text can never inject control tokens
-
-        def id_of(t):
-            i = self.tok.token_to_id(t)
-            if i is None:
-                raise ValueError(f"{path}: tokenizer has no {t!r} token")
-            return i
-
-        self.pad_id = id_of("<|endoftext|>")
-        self.im_start_id = id_of("<|im_start|>")
-        self.eos_id = id_of("<|im_end|>")
-        self.eoc_id = id_of("<|endofchunk|>")
-        self.bos_id = id_of("<s>")
+        ids = {t: self.tok.token_to_id(t) for t in ("<|endoftext|>", "<|im_start|>", "<|im_end|>", *self.ADDED)}
+        if None in ids.values():
+            raise ValueError(f"{path}: tokenizer lacks {[t for t, i in ids.items() if i is None]}")
+        self.pad_id, self.im_start_id, self.eos_id, self.eoc_id, self.bos_id = ids.values()
         self.special_ids = {i for t, i in self.tok.get_vocab(with_added_tokens=True).items()
                             if t.startswith("<|") and t.endswith("|>")} | {self.bos_id}
 
@@ -779,7 +771,7 @@ class VLM(nn.Module):
         logits, pos = logits[:, -1], positions[:, -1:]
         gen = torch.Generator(dev).manual_seed(seed)
         out, done = [[] for _ in range(B)], [False] * B
-        for _ in range(max_new_tokens):
+        for step in range(max_new_tokens):
             if temperature <= 0:
                 tok = logits.argmax(-1)
             else:
@@ -791,7 +783,7 @@ class VLM(nn.Module):
                 if not done[b]:
                     done[b] = t in stop_ids
                     out[b] += [] if done[b] else [t]
-            if all(done) or len(out[0]) == max_new_tokens and all(len(o) == max_new_tokens or d for o, d in zip(out, done)):
+            if all(done) or step == max_new_tokens - 1:
                 break
             keys[:, cache.length] = True
             pos = pos + 1
@@ -802,16 +794,10 @@ class VLM(nn.Module):
         """Random init for training from scratch (tiny preset, tests): N(0, 0.02) like HF, then the projector with
         PyTorch's default Linear init under seed 1152 (the official code seeds with the vision width, §1.3)."""
         torch.manual_seed(seed)
-        for m in self.modules():
-            if isinstance(m, (nn.Linear, nn.Conv2d, nn.Embedding)):
-                nn.init.normal_(m.weight, std=0.02)
-                if getattr(m, "bias", None) is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, (nn.LayerNorm, RMSNorm)):
-                nn.init.ones_(m.weight)
-                if getattr(m, "bias", None) is not None:
-                    nn.init.zeros_(m.bias)
-        nn.init.normal_(self.vision.pos_embed, std=0.02)
+        for name, p in self.named_parameters():
+            norm = isinstance(self.get_submodule(name.rpartition(".")[0]), (nn.LayerNorm, RMSNorm))
+            nn.init.ones_(p) if norm and name.endswith("weight") else nn.init.zeros_(p) if name.endswith("bias") \
+                else nn.init.normal_(p, std=0.02)
         torch.manual_seed(1152)
         self.projector.fc1.reset_parameters()
         self.projector.fc2.reset_parameters()
@@ -995,18 +981,14 @@ def load_qwen(src: str, dtype=None) -> Qwen2:
 
 
 def load_vision(src: str, config: VisionConfig | None = None, act: str | None = None, dtype=None) -> SiglipVision:
-    """HF SigLIP (full model or vision-only) or timm/open_clip layouts (`visual.trunk.` prefix optional). A timm
-    checkpoint has no config.json: pass `config`, or the shapes must be so400m/14@384 (exact GELU, as timm runs it)."""
+    """HF SigLIP (full model or vision-only) or timm/open_clip layouts (`visual.trunk.` prefix optional). `act`
+    overrides the activation: timm runs exact GELU where HF configs say gelu_pytorch_tanh (§1.1)."""
     d = resolve(src, ("config.json", "*.safetensors", "*.safetensors.index.json", "open_clip_config.json"))
     if config is None:
-        if os.path.isfile(os.path.join(d, "config.json")) if os.path.isdir(d) else False:
-            c = read_config(d)
-            config = VisionConfig.from_hf(c.get("vision_config", c))
-        else:
-            shapes = {n: t.shape for _, n, t in iter_tensors(weight_files(d))}
-            if not any(s[-2:] == (729, 1152) for n, s in shapes.items() if n.endswith("pos_embed")):
-                raise ValueError(f"{src}: no config.json; pass config=VisionConfig(...)")
-            config = VisionConfig(act="gelu")
+        if not os.path.isfile(os.path.join(d, "config.json")):
+            raise ValueError(f"{src}: no config.json (a timm checkpoint?): pass config=, e.g. preset('paper').vision")
+        c = read_config(d)
+        config = VisionConfig.from_hf(c.get("vision_config", c))
     if act is not None:
         config = dataclasses.replace(config, act=_act(act))
     with torch.device("meta"):

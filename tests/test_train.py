@@ -9,7 +9,6 @@ import time
 import pytest
 import torch
 
-import model as M
 import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
