@@ -223,9 +223,10 @@ def test_images_show_their_scenes(toy_world):
         if key in broken:
             continue
         img = np.asarray(model.load_image(members[key]["jpg"]), dtype=float)
-        for c, s, _, _, x, y, r in scene["objects"]:  # the centre of every object has the object's colour
+        for c, s, pos, _, x, y, r in scene["objects"]:  # the centre of every object has the object's colour ...
             px = img[int(y * 64), int(x * 64)]
             assert np.abs(px - toyworld.COLORS[c]).max() < 40, (key, c, s, px)
+            assert pos == toyworld.POSITIONS[int(y * 3) * 3 + int(x * 3)]  # ... and lies in the named grid cell
             checked += 1
     assert checked > 1000
 
@@ -365,6 +366,9 @@ def test_mmbench_tsv_has_circular_copies_and_right_answers(toy_world):
             assert int(r[r["answer"]]) == sum(o[:2] == [got[1], got[2]] for o in scene["objects"])
         if r["category"] == "ocr":
             assert r[r["answer"]] == scene["text"][0]
+        got = re.fullmatch(r"Where is the (\w+) (\w+)\?", r["question"])
+        if got:
+            assert [r[r["answer"]]] == [o[2] for o in scene["objects"] if o[:2] == [got[1], got[2]]]
 
 
 def test_pope_is_balanced_and_true(toy_world):
