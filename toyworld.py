@@ -426,10 +426,11 @@ def pool_record(seed, i, broken_kind=None, wrong=False):
     rng = random.Random(f"{seed}:pool:{i}")
     scene = sample_scene(rng, "train", bg="white" if broken_kind == "png_alpha" else None)  # alpha shows as white
     cap = caption(rng, scene)
-    while wrong:
-        other = sample_scene(rng, "train")
-        if not {g[:2] for g in groups(scene)} & {g[:2] for g in groups(other)}:
-            return scene, caption(rng, other)
+    if wrong:
+        kinds, other = {g[:2] for g in groups(scene)}, sample_scene(rng, "train")
+        while kinds & {g[:2] for g in groups(other)}:
+            other = sample_scene(rng, "train")
+        return scene, caption(rng, other)
     if broken_kind == "huge_caption":
         return scene, huge_caption(rng, scene)
     return scene, "" if broken_kind == "empty_caption" else cap
