@@ -1,0 +1,712 @@
+"""
+The toy world: a small, procedurally generated multimodal world in the *real* on-disk formats, so that every stage
+(filter, pack, train, sft, eval) runs, and learns something measurable, on a laptop CPU. It plays the role of
+nanoGPT's Shakespeare. Images are flat shapes (colour, shape, count, position, size, background, sometimes a word);
+captions and questions are generated from the same scene, so they are informative of the image.
+
+    python toyworld.py                        # build into cache/toyworld (what train.py uses when given no data)
+    python toyworld.py --out /tmp/tw --seed 1 --image-size 384
+    python toyworld.py --samples docs --image-size 128      # the two sample images shown in the README
+
+A world dir holds tokenizer.json, pool/*.tar (img2dataset-style WebDataset shards), sft/ (LLaVA format), eval/
+(MMBench TSV, POPE jsonl, TextVQA json) and manifest.json (counts per file and the ground truth: every scene, the
+wrong captions, the broken records). README.md, "The toy world", describes the formats.
+
+The same seed gives byte-identical files. Evaluation scenes are held out by construction: a scene's content
+signature (background, colour/shape/count kinds, word) hashes into the eval or the training partition, and every
+generator accepts only scenes of its own partition.
+"""
+from __future__ import annotations
+
+import base64
+import csv
+import dataclasses
+import hashlib
+import io
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import tarfile
+import time
+import zlib
+
+from PIL import Image, ImageDraw, ImageFont
+
+VERSION = 1  # bump when the output changes, so that ensure() rebuilds stale caches
+DEFAULTS = dict(seed=0, n_pool=20000, n_sft=10000, n_eval=1000, image_size=64, wrong_share=0.1, shard_size=2500)
+VOCAB_SIZE = 3000  # BPE target; the toy language saturates below it (~1.8k merges and bytes)
+BROKEN_KINDS = ("truncated_jpeg", "zero_byte_image", "empty_caption", "missing_txt", "huge_caption", "cmyk_jpeg",
+                "png_alpha")
+
+# -----------------------------------------------------------------------------------------------------------------
+# The world's vocabulary. Colours are far apart in RGB, so that a 64 px JPEG keeps them apart.
+
+COLORS = {"red": (220, 40, 40), "orange": (245, 140, 20), "yellow": (245, 220, 30), "green": (40, 160, 60),
+          "blue": (40, 90, 220), "purple": (140, 60, 180), "pink": (245, 130, 200), "brown": (110, 60, 20),
+          "white": (250, 250, 250), "black": (20, 20, 20)}
+BACKGROUNDS = {"white": (250, 250, 250), "black": (20, 20, 20), "gray": (128, 128, 128), "beige": (230, 215, 180)}
+SHAPES = ("circle", "square", "triangle", "star", "diamond")
+POSITIONS = ("top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right")
+POS_PHRASE = {p: ("in the {} corner" if " " in p else "at the {}" if p in ("top", "bottom") else "in the {}"
+                  if p == "center" else "on the {}").format(p) for p in POSITIONS}
+NUM = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+# Words for signs: at most 5 letters (they must fit a 64 px image), none that names a colour, shape or position.
+WORDS = ("cat dog sun moon tree fish bird frog duck bear lion milk cake book door shop cafe park open stop exit sale "
+         "home rain snow wind boat ship car bus taxi road hill lake sea sky fire ice gold kiwi lamp rose egg toy jam "
+         "tea map key pen cup hat apple bread chair clock cloud grass horse house juice lemon mango music night ocean "
+         "paper piano pizza plant queen radio river robot salad sheep smile snake spoon storm sugar table tiger towel "
+         "train truck water whale zebra bank bell belt bike boot bowl cave city coat corn desk farm film flag fork game "
+         "gate girl hand hero hole idea iron jazz kite king lane leaf lily lock love mail mask meal menu mint moth nest "
+         "note oven page path pear pie pool post quiz ring rock roof rope sand seed sock song soup team tent toad town "
+         "tube vase wall wave wolf wood yard yoga zone").split()
+# Web boilerplate around some captions (alt text is rarely clean): it adds words, not information.
+PREFIXES = ("Royalty free vector illustration of", "Stock image of", "Kids learning card with", "Cute cartoon of",
+            "Preschool worksheet showing", "Free printable flashcard with", "Minimal geometric poster with",
+            "Educational picture for toddlers with", "Flat design sticker with", "Hand drawn doodle of",
+            "Colorful wallpaper with", "Logo template made of", "Greeting card featuring", "Embroidery pattern of",
+            "Screenshot of a puzzle game with", "Board game piece design:", "Felt craft idea:", "Quilt block with")
+SUFFIXES = (" - stock vector", " | free download", " #shapes #kids #learning", " (clipart)", " for kindergarten",
+            " - high quality print", " in flat style", " | HD wallpaper", ", available in several sizes",
+            " - part of a bigger collection", " by an unknown artist", ", scanned from an old textbook")
+FILLERS = ("The shapes are flat and have no outlines.", "Nothing else is visible.", "The shapes do not overlap.",
+           "It looks like a page from a picture book for small children.", "The edges are sharp and simple.",
+           "There are no shadows, gradients or textures anywhere.", "Such pictures are often used to teach counting.",
+           "Everything is arranged on an invisible grid of nine cells.", "The composition feels calm and balanced.",
+           "A teacher might ask pupils to name each object.", "It resembles a tile from a memory matching game.",
+           "The drawing was probably made with a computer program.", "No people, animals or buildings appear.")
+
+# Which colours are visible on which background, and which are legible as text on it.
+OBJ_COLORS = {bg: [c for c in COLORS if math.dist(COLORS[c], rgb) > 100] for bg, rgb in BACKGROUNDS.items()}
+TEXT_COLORS = {bg: [c for c in COLORS if math.dist(COLORS[c], rgb) > 160] for bg, rgb in BACKGROUNDS.items()}
+KINDS = {bg: [(c, s) for c in OBJ_COLORS[bg] for s in SHAPES] for bg in BACKGROUNDS}
+# Unit polygons (radius 1 around the centre, areas roughly comparable); a circle is drawn as an ellipse.
+POLYGONS = {"square": [(-.85, -.85), (.85, -.85), (.85, .85), (-.85, .85)],
+            "triangle": [(0, -1), (.95, .75), (-.95, .75)],
+            "star": [((1 if k % 2 == 0 else .45) * math.cos(math.pi * k / 5 - math.pi / 2),
+                      (1 if k % 2 == 0 else .45) * math.sin(math.pi * k / 5 - math.pi / 2)) for k in range(10)],
+            "diamond": [(0, -1), (.8, 0), (0, 1), (-.8, 0)]}
+
+# -----------------------------------------------------------------------------------------------------------------
+# Scenes. A scene is plain JSON (the manifest keeps every one as ground truth):
+#   {"bg": str, "objects": [[colour, shape, position, size, x, y, r], ...], "text": [word, colour, "top"|"bottom", x]}
+# x, y, r are fractions of the image side, so the same scene renders at any resolution.
+
+
+def groups(scene):
+    """[(colour, shape, count)] in order of first appearance."""
+    counts = {}
+    for c, s, *_ in scene["objects"]:
+        counts[(c, s)] = counts.get((c, s), 0) + 1
+    return [(c, s, n) for (c, s), n in counts.items()]
+
+
+def signature(scene) -> str:
+    """What a scene shows, ignoring geometry: two scenes with one signature count as the same scene."""
+    kinds = "+".join(sorted(f"{n} {c} {s}" for c, s, n in groups(scene)))
+    return f"{scene['bg']}|{kinds}|{scene['text'][0] if scene['text'] else ''}"
+
+
+def is_eval(scene) -> bool:
+    """The held-out partition: about 1 signature in 10, fixed by the content alone (not by seed or order)."""
+    return zlib.crc32(signature(scene).encode()) % 10 == 0
+
+
+def sample_scene(rng, split, text=None, bg=None, min_kinds=1):
+    """A random scene of partition `split` ("train" or "eval"). text=True/False forces a word on or off."""
+    while True:
+        bg_ = bg or rng.choice(list(BACKGROUNDS))
+        cells, tx = list(range(9)), None
+        if rng.random() < 0.3 if text is None else text:  # a word or number in the top or bottom row
+            where = rng.choice(("top", "bottom"))
+            cells = [k for k in cells if k // 3 != (0 if where == "top" else 2)]
+            word = str(rng.randrange(1000)) if rng.random() < 0.3 else rng.choice(WORDS)
+            tx = [word.upper() if rng.random() < 0.25 else word, rng.choice(TEXT_COLORS[bg_]), where,
+                  round(rng.uniform(0.4, 0.6), 3)]
+        kinds = rng.sample(KINDS[bg_], max(min_kinds, rng.choices((1, 2, 3), (55, 35, 10))[0]))
+        counts = [rng.choices((1, 2, 3, 4), (40, 25, 20, 15))[0] for _ in kinds]
+        while sum(counts) > len(cells):
+            counts[counts.index(max(counts))] -= 1
+        rng.shuffle(cells)
+        objects = []
+        for (c, s), n in zip(kinds, counts):
+            for cell in (cells.pop() for _ in range(n)):  # one object per grid cell: no overlaps
+                rf = rng.uniform(0.28, 0.46)  # radius as a fraction of the cell; the jitter keeps it inside
+                jx, jy = rng.uniform(-1, 1) * (0.5 - rf) * 0.9, rng.uniform(-1, 1) * (0.5 - rf) * 0.9
+                size = "small" if rf < 0.34 else "large" if rf > 0.40 else "medium"
+                objects.append([c, s, POSITIONS[cell], size, round((cell % 3 + 0.5 + jx) / 3, 3),
+                                round((cell // 3 + 0.5 + jy) / 3, 3), round(rf / 3, 3)])
+        scene = {"bg": bg_, "objects": objects, "text": tx}
+        if is_eval(scene) == (split == "eval"):
+            return scene
+
+
+_FONTS = {}
+
+
+def render(scene, size, rgba=False) -> Image.Image:
+    """Draw a scene at size x size. rgba=True leaves the background transparent (the png_alpha record)."""
+    bg = BACKGROUNDS[scene["bg"]]
+    img = Image.new("RGBA" if rgba else "RGB", (size, size), bg + (0,) if rgba else bg)
+    d = ImageDraw.Draw(img)
+    for c, s, _, _, x, y, r in scene["objects"]:
+        cx, cy, r = x * size, y * size, r * size
+        if s == "circle":
+            d.ellipse((cx - r, cy - r, cx + r, cy + r), fill=COLORS[c])
+        else:
+            d.polygon([(cx + u * r, cy + v * r) for u, v in POLYGONS[s]], fill=COLORS[c])
+    if scene["text"]:
+        word, c, where, x = scene["text"]
+        if size not in _FONTS:  # PIL's bundled font, scaled with the image: about 11 px tall at 64 px
+            _FONTS[size] = ImageFont.load_default(size=max(6, round(size * 0.17)))
+        d.text((x * size, size / 6 if where == "top" else size * 5 / 6), word, fill=COLORS[c], font=_FONTS[size],
+               anchor="mm")
+    return img
+
+
+def encode(img, fmt="JPEG") -> bytes:
+    """Fixed encoder settings (same pixels, same bytes); 4:4:4 chroma keeps the colours of small shapes crisp."""
+    buf = io.BytesIO()
+    img.save(buf, fmt, **({"quality": 90, "subsampling": 0, "optimize": False} if fmt == "JPEG" else {}))
+    return buf.getvalue()
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Language: captions and question/answer pairs, all generated from the scene.
+
+def _a(word):
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def _join(xs):
+    return xs[0] if len(xs) == 1 else ", ".join(xs[:-1]) + " and " + xs[-1]
+
+
+def _cap(s):
+    return s[0].upper() + s[1:]
+
+
+def _pl(word, n):
+    return word if n == 1 else word + "s"
+
+
+def _gp(c, s, n, digits=False):  # "a red star", "two red stars", "2 red stars"
+    return f"{n if digits else _a(c) if n == 1 else NUM[n]} {c} {_pl(s, n)}"
+
+
+def _text_phrase(scene):
+    w = scene["text"][0]
+    return f"the number {w}" if w.isdigit() else f'the word "{w}"'
+
+
+def long_caption(rng, scene):
+    """A multi-clause description naming every object with its size and position (about 25-65 tokens)."""
+    total = len(scene["objects"])
+    parts = []
+    for c, s, n in groups(scene):
+        mine = [o for o in scene["objects"] if o[:2] == [c, s]]
+        size = "" if mine[0][3] == "medium" else mine[0][3] + " "
+        parts.append(f"{_a(size or c)} {size}{c} {s} {POS_PHRASE[mine[0][2]]}" if n == 1 else
+                     f"{NUM[n]} {c} {s}s ({', '.join(o[2] for o in mine)})")
+    out = [f"This {rng.choice(('picture', 'image', 'drawing', 'illustration'))} shows {NUM[total]} "
+           f"{_pl('shape', total)} on a plain {scene['bg']} background.", f"It contains {_join(parts)}."]
+    if scene["text"]:
+        out.append(f"{_cap(_text_phrase(scene))} is written in {scene['text'][1]} at the {scene['text'][2]}.")
+    return " ".join(out + ([rng.choice(FILLERS)] if rng.random() < 0.5 else []))
+
+
+def caption(rng, scene):
+    """A web-style caption, from alt-text fragments ('two red stars') to long descriptions. Every form names all
+    colours, shapes and counts, and most name the word, so that a caption is informative of its image."""
+    gs, bg, t = groups(scene), scene["bg"], scene["text"]
+    g, total = _join([_gp(c, s, n) for c, s, n in gs]), len(scene["objects"])
+    wt = f" and {_text_phrase(scene)}" if t else ""
+    k = rng.choices(range(8), (12, 12, 10, 10, 10, 8, 8, 30))[0]
+    if k == 0:
+        return g + wt + rng.choice(("", ".", rng.choice(SUFFIXES)))
+    if k == 1:
+        where = rng.choice(("", f" on a {bg} background", f" against a {bg} background", f", {bg} background"))
+        if rng.random() < 0.4:
+            return f"{rng.choice(PREFIXES)} {g}{where}{wt}{rng.choice(SUFFIXES)}"
+        noun = rng.choice(("A picture", "An image", "A drawing", "A simple drawing", "Clip art", "An illustration"))
+        return f"{noun} of {g}{where}{wt}."
+    if k == 2:
+        tail = f" {'Above' if t[2] == 'top' else 'Below'} {'it' if total == 1 else 'them'} is {_text_phrase(scene)}." \
+            if t else ""
+        return _cap(f"{g} {'is' if total == 1 else 'are'} drawn on a plain {bg} background.") + tail
+    if k == 3:
+        return ", ".join(_gp(c, s, n, True) for c, s, n in gs) + f" | {bg} background" + (f" | text: {t[0]}" if t else "")
+    if k == 4:
+        return f"There {'is' if gs[0][2] == 1 else 'are'} {g} on a {bg} background{wt}."
+    if k == 5 and t:
+        return f'A sign that says "{t[0]}", with {g} next to it.'
+    if k in (5, 6):
+        return f"{_cap(NUM[total])} {_pl('shape', total)} in total: {g}{wt}."
+    return long_caption(rng, scene)
+
+
+def huge_caption(rng, scene):
+    """Several thousand tokens (web pages sometimes paste a whole article): over 5000 words, hence over 5000 tokens
+    under a Qwen-style pre-tokenizer, which never joins two words into one token."""
+    parts = [long_caption(rng, scene)]
+    while sum(len(p.split()) for p in parts) < 5000:
+        parts.append(long_caption(rng, scene))
+    return " ".join(parts)
+
+
+QA_KINDS = ("color", "shape", "count", "total", "position", "side", "text", "exist", "background")
+
+
+def qa(rng, scene, kind):
+    """One question about the scene: (question, short answer, sentence answer, wrong options for multiple choice),
+    or None when this scene cannot answer this kind of question unambiguously."""
+    gs = groups(scene)
+    singles = [o for o in scene["objects"] if (o[0], o[1], 1) in gs]  # objects alone of their kind
+    if kind in ("color", "shape"):  # the colour of a shape drawn in one colour only, or the reverse
+        key = 1 if kind == "color" else 0
+        ok = [g for g in gs if sum(h[key] == g[key] for h in gs) == 1]
+        if not ok:
+            return None
+        c, s, n = rng.choice(ok)
+        if kind == "color":
+            return (f"What color {'is' if n == 1 else 'are'} the {_pl(s, n)}?", c,
+                    f"The {s} is {c}." if n == 1 else f"They are {c}.", [x for x in COLORS if x != c])
+        return (f"What shape {'is' if n == 1 else 'are'} the {c} {_pl('object', n)}?", s,
+                f"It is {_a(s)} {s}." if n == 1 else f"They are {s}s.", [x for x in SHAPES if x != s])
+    if kind in ("count", "total"):
+        c, s, n = rng.choice(gs) if kind == "count" else ("", "shape", len(scene["objects"]))
+        what = f"{c} {s}s" if c else "shapes"
+        return (f"How many {what} are there{'' if c else ' in the image'}?", str(n),
+                f"There {'is' if n == 1 else 'are'} {NUM[n]} {c + ' ' if c else ''}{_pl(s, n)}.",
+                [str(k) for k in range(max(1, n - 3), max(5, n + 4)) if k != n])
+    if kind == "position" and singles:
+        c, s, pos = rng.choice(singles)[:3]
+        return f"Where is the {c} {s}?", pos, f"It is {POS_PHRASE[pos]}.", [p for p in POSITIONS if p != pos]
+    if kind == "side":  # two options only, as some MMBench questions have
+        ok = [o for o in singles if o[2].endswith(("left", "right"))]
+        if not ok:
+            return None
+        c, s, pos = rng.choice(ok)[:3]
+        side, other = ("left", "right") if pos.endswith("left") else ("right", "left")
+        return (f"Is the {c} {s} on the left or on the right side of the image?", side,
+                f"It is on the {side} side.", [other])
+    if kind == "text" and scene["text"]:
+        w = scene["text"][0]
+        if w.isdigit():
+            return ("What number is written in the image?", w, f"The number {w} is written in the image.",
+                    [str(k) for k in rng.sample(range(1000), 4) if str(k) != w][:3])
+        case = str.upper if w.isupper() else str.lower  # distractors in the answer's case, or case gives it away
+        q = rng.choice(("What word is written in the image?", "What does the text say?", "What is written here?"))
+        return q, w, f'It says "{w}".', [case(x) for x in WORDS if x != w.lower()]
+    if kind == "exist":  # balanced yes/no, as POPE asks
+        present = [g[:2] for g in gs]
+        yes = rng.random() < 0.5
+        c, s = rng.choice(present if yes else [k for k in KINDS[scene["bg"]] if k not in present])
+        return (f"Is there {_a(c)} {c} {s} in the image?", "Yes" if yes else "No",
+                f"Yes, there is {_a(c)} {c} {s}." if yes else f"No, there is no {c} {s}.", ["No" if yes else "Yes"])
+    if kind == "background":
+        bg = scene["bg"]
+        return "What color is the background?", bg, f"The background is {bg}.", [x for x in BACKGROUNDS if x != bg]
+    return None
+
+
+SHORT = "\nAnswer the question using a single word or phrase."
+LETTERS = "ABCD"
+
+
+def multiple_choice(rng, answer, others):
+    """MMBench-style options: the answer and up to three distractors, shuffled. Returns (options, answer letter)."""
+    opts = [answer] + rng.sample(others, min(3, len(others)))
+    rng.shuffle(opts)
+    return opts, LETTERS[opts.index(answer)]
+
+
+def conversation(rng, scene):
+    """1-4 (question, answer) turns about one image: descriptions, and questions answered in one of three styles:
+    a sentence, a single word or phrase (as VQA evals ask), or an option letter (as MMBench asks)."""
+    turns = []
+    for t in range(rng.choices((1, 2, 3, 4), (50, 25, 15, 10))[0]):
+        if t == 0 and rng.random() < 0.2:
+            turns.append(("Describe the image.", long_caption(rng, scene)) if rng.random() < 0.5 else
+                         ("Write a short caption for this image.", _cap(caption(rng, scene))))
+            continue
+        got = None
+        while got is None:
+            got = qa(rng, scene, rng.choice(QA_KINDS))
+        q, short, sentence, others = got
+        if any(q in x for x, _ in turns):
+            continue
+        style = rng.choices(("sentence", "short", "mc"), (40, 40, 20))[0]
+        if style == "mc" and short not in ("Yes", "No"):
+            opts, letter = multiple_choice(rng, short, others)
+            turns.append((q + "".join(f"\n{LETTERS[k]}. {o}" for k, o in enumerate(opts)) +
+                          "\nAnswer with the option's letter from the given choices directly.", letter))
+        else:
+            turns.append((q + SHORT, short) if style == "short" else (q, sentence))
+    return turns
+
+
+def text_only_conversation(rng):
+    """A few conversations without an image, as LLaVA-665k has: small facts about the world's vocabulary."""
+    k = rng.randrange(3)
+    if k == 0:
+        s, n = rng.choice((("triangle", 3), ("square", 4), ("diamond", 4), ("star", 5)))
+        return [(f"How many points does {_a(s)} {s} have?", f"{_cap(_a(s))} {s} has {NUM[n]} points.")]
+    if k == 1:
+        a, b = rng.randrange(10), rng.randrange(10)
+        return [(f"What is {a} plus {b}?", str(a + b))]
+    w = rng.choice(WORDS)
+    return [(f'Spell the word "{w}".', "-".join(w.upper())), ("How many letters does it have?", _cap(NUM[len(w)]))]
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Tokenizer: shaped like Qwen2.5's tokenizer.json, so that the toy pipeline runs the real tokenizer code path.
+
+QWEN_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"""
+                r"""\s*[\r\n]+|\s+(?!\S)|\s+""")
+# Qwen2.5's 22 added tokens in id order (151643..151664) with Qwen's own "special" flags, then the paper's two.
+QWEN_ADDED = [(t, True) for t in ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>",
+                                  "<|object_ref_end|>", "<|box_start|>", "<|box_end|>", "<|quad_start|>",
+                                  "<|quad_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
+                                  "<|image_pad|>", "<|video_pad|>")] + \
+             [(t, False) for t in ("<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>",
+                                   "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>")]
+PAPER_ADDED = ["<|endofchunk|>", "<s>"]
+
+
+def train_tokenizer(texts, vocab_size):
+    """Byte-level BPE trained on `texts` without special tokens; then the added tokens appended in Qwen2.5's order,
+    so that they follow the BPE vocabulary as Qwen's follow its 151643 merges and bytes."""
+    import tokenizers as tk
+    from tokenizers import pre_tokenizers as pre
+
+    tok = tk.Tokenizer(tk.models.BPE())
+    tok.normalizer = tk.normalizers.NFC()
+    tok.pre_tokenizer = pre.Sequence([pre.Split(tk.Regex(QWEN_PATTERN), behavior="isolated", invert=False),
+                                      pre.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = tk.decoders.ByteLevel()
+    tok.post_processor = tk.processors.ByteLevel(trim_offsets=False)
+    tok.train_from_iterator(texts, tk.trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, special_tokens=[],
+                                                          initial_alphabet=pre.ByteLevel.alphabet(),
+                                                          show_progress=False))
+    for t, special in QWEN_ADDED:  # one at a time, so that ids follow this order exactly
+        (tok.add_special_tokens if special else tok.add_tokens)([tk.AddedToken(t, special=special, normalized=False)])
+    tok.add_special_tokens([tk.AddedToken(t, special=True, normalized=False) for t in PAPER_ADDED])
+    return tok
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Writers
+
+
+def write_tar(path, members):
+    """A tar with fixed metadata (mtime 0, owner 0, mode 0644), so that the same members give the same bytes."""
+    with open(path, "wb") as f, tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in members:
+            ti = tarfile.TarInfo(name)
+            ti.size, ti.mtime, ti.mode, ti.uid, ti.gid, ti.uname, ti.gname = len(data), 0, 0o644, 0, 0, "", ""
+            tar.addfile(ti, io.BytesIO(data))
+
+
+def pool_noise(seed, n_pool, wrong_share):
+    """Which pool records are broken ({index: kind}; 1-3 of each kind) and which have a wrong caption (indices)."""
+    per_kind, n_wrong = max(1, min(3, n_pool // 2000)), round(wrong_share * n_pool)
+    n_broken = per_kind * len(BROKEN_KINDS)
+    if n_pool < n_broken + n_wrong + 1:
+        raise ValueError(f"toyworld: n_pool={n_pool} is too small for {n_broken} broken records and {n_wrong} "
+                         f"wrong captions")
+    pick = random.Random(f"{seed}:pool:noise").sample(range(n_pool), n_broken + n_wrong)
+    return {i: BROKEN_KINDS[k // per_kind] for k, i in enumerate(pick[:n_broken])}, set(pick[n_broken:])
+
+
+def pool_record(seed, i, broken_kind=None, wrong=False):
+    """Scene and caption of pool record i. A wrong caption describes another scene sharing no kind with this one."""
+    rng = random.Random(f"{seed}:pool:{i}")
+    scene = sample_scene(rng, "train", bg="white" if broken_kind == "png_alpha" else None)  # alpha shows as white
+    cap = caption(rng, scene)
+    if wrong:
+        kinds, other = {g[:2] for g in groups(scene)}, sample_scene(rng, "train")
+        while kinds & {g[:2] for g in groups(other)}:
+            other = sample_scene(rng, "train")
+        return scene, caption(rng, other)
+    if broken_kind == "huge_caption":
+        return scene, huge_caption(rng, scene)
+    return scene, "" if broken_kind == "empty_caption" else cap
+
+
+def image_member(img, kind=None):
+    """The image bytes of a pool record: a JPEG, or the broken variant that `kind` names."""
+    if kind == "png_alpha":  # a .png member instead of .jpg, with a transparent background
+        return encode(img, "PNG")
+    if kind == "zero_byte_image":
+        return b""
+    if kind == "cmyk_jpeg":
+        return encode(img.convert("CMYK"))
+    data = encode(img)
+    return data[:len(data) // 2] if kind == "truncated_jpeg" else data  # truncated: the header parses, decode fails
+
+
+def _write_pool(root, cfg, man):
+    seed, n, size, shard_size = cfg["seed"], cfg["n_pool"], cfg["image_size"], cfg["shard_size"]
+    broken, wrong = pool_noise(seed, n, cfg["wrong_share"])
+    os.makedirs(os.path.join(root, "pool"))
+    width = max(4, len(str(shard_size - 1)))  # img2dataset's keys: 5-digit shard number + index in the shard
+    truth = man["pool"] = {"samples": n, "shards": 0, "wrong_caption": [], "broken": {k: [] for k in BROKEN_KINDS}}
+    texts, members = [], []
+    for i in range(n):
+        kind = broken.get(i)
+        scene, cap = pool_record(seed, i, kind, i in wrong)
+        key = f"{i // shard_size:05d}{i % shard_size:0{width}d}"
+        man["scenes"]["pool"][key] = scene
+        if kind or i in wrong:
+            (truth["broken"][kind] if kind else truth["wrong_caption"]).append(key)
+        data = image_member(render(scene, size, rgba=kind == "png_alpha"), kind)
+        uid = hashlib.md5(f"toyworld:{seed}:{key}".encode()).hexdigest()  # 128-bit hex, like DataComp's uid
+        members += [(f"{key}.{'png' if kind == 'png_alpha' else 'jpg'}", data),
+                    (f"{key}.json", json.dumps({"key": key, "uid": uid, "status": "success", "width": size,
+                                                "height": size}).encode())]
+        if kind != "missing_txt":
+            members.append((f"{key}.txt", cap.encode()))
+        if kind != "huge_caption":
+            texts.append(cap)
+        if i % shard_size == shard_size - 1 or i == n - 1:
+            name = f"pool/{i // shard_size:06d}.tar"
+            write_tar(os.path.join(root, name), members)
+            man["files"][name] = {"samples": i % shard_size + 1}
+            truth["shards"], members = truth["shards"] + 1, []
+    return texts
+
+
+def _write_sft(root, cfg, man):
+    seed, n, size = cfg["seed"], cfg["n_sft"], cfg["image_size"]
+    os.makedirs(os.path.join(root, "sft", "images"))
+    text_only = set(random.Random(f"{seed}:sft:text-only").sample(range(n), max(1, round(0.02 * n)) if n else 0))
+    convs, texts, multi = [], [], 0
+    for i in range(n):
+        rng, cid = random.Random(f"{seed}:sft:{i}"), f"{i:06d}"
+        if i in text_only:
+            turns, image = text_only_conversation(rng), None
+        else:
+            scene = man["scenes"]["sft"][cid] = sample_scene(rng, "train")
+            turns, image = conversation(rng, scene), f"images/{cid}.jpg"
+            with open(os.path.join(root, "sft", image), "wb") as f:
+                f.write(encode(render(scene, size)))
+        multi += len(turns) > 1
+        conv = []
+        for k, (q, a) in enumerate(turns):
+            if k == 0 and image:  # LLaVA data puts the image before or after the first question
+                q = f"<image>\n{q}" if rng.random() < 0.8 else f"{q}\n<image>"
+            conv += [{"from": "human", "value": q}, {"from": "gpt", "value": a}]
+            texts += [q.replace("<image>", ""), a]
+        convs.append({"id": cid, **({"image": image} if image else {}), "conversations": conv})
+    with open(os.path.join(root, "sft", "sft.json"), "w") as f:  # one conversation per line: valid JSON, greppable
+        f.write("[\n" + ",\n".join(json.dumps(c) for c in convs) + "\n]\n")
+    man["files"]["sft/sft.json"] = {"conversations": n, "with_image": n - len(text_only), "text_only": len(text_only),
+                                    "multi_turn": multi}
+    man["files"]["sft/images"] = {"files": n - len(text_only)}
+    return texts
+
+
+MMBENCH = {"color_recognition": "color", "shape_recognition": "shape", "object_counting": "count",
+           "object_localization": "position", "spatial_relationship": "side", "ocr": "text"}  # category -> qa kind
+
+
+def _write_eval(root, cfg, man):
+    """Eval sets, each on its own scenes from the held-out partition."""
+    seed, n, size, scenes = cfg["seed"], cfg["n_eval"], cfg["image_size"], man["scenes"]["eval"]
+    os.makedirs(os.path.join(root, "eval", "images"))
+
+    def save(name, scene):
+        scenes[name] = scene
+        with open(os.path.join(root, "eval", "images", name + ".jpg"), "wb") as f:
+            f.write(encode(render(scene, size)))
+        return f"images/{name}.jpg"
+
+    # MMBench TSV: index, question, hint, A-D, answer, category, image (base64 JPEG), split. Circular evaluation as in
+    # MMBench's own TSVs: the copy of question g with its options rotated k places has index g + k * 1_000_000.
+    rng, rows = random.Random(f"{seed}:eval:mmbench"), []
+    for g in range(n):
+        cat = list(MMBENCH)[g % len(MMBENCH)]
+        got = None
+        while got is None:
+            scene = sample_scene(rng, "eval", text=True if cat == "ocr" else None)
+            got = qa(rng, scene, MMBENCH[cat])
+        scenes[f"mmbench/{g}"] = scene
+        opts, letter = multiple_choice(rng, got[1], got[3])
+        img = base64.b64encode(encode(render(scene, size))).decode()
+        for k in range(len(opts)):
+            rot = opts[k:] + opts[:k]
+            rows.append([g + k * 1_000_000, got[0], "", *rot, *[""] * (4 - len(rot)),
+                         LETTERS[(LETTERS.index(letter) - k) % len(opts)], cat, img, "dev"])
+    rows.sort(key=lambda r: r[0])  # the originals first, then each rotation, as MMBench orders them
+    with open(os.path.join(root, "eval", "mmbench.tsv"), "w", newline="") as f:
+        w = csv.writer(f, delimiter="\t", lineterminator="\n")
+        w.writerow(["index", "question", "hint", "A", "B", "C", "D", "answer", "category", "image", "split"])
+        w.writerows(rows)
+    man["files"]["eval/mmbench.tsv"] = {"questions": n, "rows": len(rows)}
+
+    # POPE jsonl: per image, a yes and a no question for each of POPE's three ways to pick absent objects. Toy
+    # versions: random = any absent kind; popular = an absent kind sharing the colour or the shape of an object in
+    # the image; adversarial = attributes swapped between two objects (red circle + blue star -> "blue circle?").
+    rng, pope, n_img = random.Random(f"{seed}:eval:pope"), [], 0
+    while len(pope) < n:
+        scene, name = sample_scene(rng, "eval", min_kinds=2), f"pope_{n_img:05d}"
+        path, n_img = save(name, scene), n_img + 1
+        present = [g[:2] for g in groups(scene)]
+        absent = [k for k in KINDS[scene["bg"]] if k not in present]
+        near = [k for k in absent if any(k[0] == p[0] or k[1] == p[1] for p in present)]
+        swap = [k for k in near if any(k[0] == p[0] for p in present) and any(k[1] == p[1] for p in present)]
+        for cat, negatives in (("random", absent), ("popular", near), ("adversarial", swap or near)):
+            pair = [(rng.choice(present), "yes"), (rng.choice(negatives), "no")]
+            rng.shuffle(pair)
+            for (c, s), ans in pair[:n - len(pope)]:
+                pope.append({"question_id": len(pope) + 1, "question": f"Is there {_a(c)} {c} {s} in the image?",
+                             "answer": ans, "image_source": name, "image": path, "category": cat})
+    with open(os.path.join(root, "eval", "pope.jsonl"), "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in pope)
+    man["files"]["eval/pope.jsonl"] = {"questions": n, "yes": sum(r["answer"] == "yes" for r in pope),
+                                       "no": sum(r["answer"] == "no" for r in pope), "images": n_img}
+
+    # TextVQA json: one question per image with a word or number, and 10 human answers that mostly agree (so the
+    # soft VQA accuracy, min(1, matches / 3), has something to average).
+    rng, data = random.Random(f"{seed}:eval:textvqa"), []
+    for i in range(n):
+        scene, name = sample_scene(rng, "eval", text=True), f"textvqa_{i:05d}"
+        q, w = qa(rng, scene, "text")[:2]
+        answers = [w] * 10
+        for k in rng.sample(range(10), rng.choices((0, 1, 2, 3), (50, 25, 15, 10))[0]):
+            answers[k] = rng.choice((w.lower(), w.capitalize(), f"{w} sign", w[:-1] or w, "unanswerable"))
+        data.append({"question_id": i, "question": q, "image_id": name, "image": save(name, scene),
+                     "image_width": size, "image_height": size, "answers": answers, "set_name": "val"})
+    with open(os.path.join(root, "eval", "textvqa.json"), "w") as f:
+        json.dump({"dataset_name": "textvqa", "dataset_type": "val", "dataset_version": "toy", "data": data}, f,
+                  indent=1)
+    man["files"]["eval/textvqa.json"] = {"questions": n, "images": n}
+    man["files"]["eval/images"] = {"files": n_img + n}
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Build, cache, command line
+
+
+def _dump_manifest(man, path):
+    """Indented JSON, except that each scene takes one line (there are tens of thousands)."""
+    blocks = [f'    "{split}": {{' + ",".join(f"\n      {json.dumps(k)}: {json.dumps(v, separators=(',', ':'))}"
+                                           for k, v in d.items()) + "\n    }" for split, d in man["scenes"].items()]
+    head = json.dumps({k: v for k, v in man.items() if k != "scenes"}, indent=2)
+    with open(path, "w") as f:
+        f.write(head[:-2] + ',\n  "scenes": {\n' + ",\n".join(blocks) + "\n  }\n}\n")
+
+
+def _manifest_config(root):
+    try:
+        with open(os.path.join(root, "manifest.json")) as f:
+            m = json.load(f)
+        return m.get("version"), m.get("config")
+    except (OSError, ValueError):
+        return None
+
+
+def build(out_dir, seed=0, n_pool=20000, n_sft=10000, n_eval=1000, image_size=64, wrong_share=0.1,
+          shard_size=2500) -> dict:
+    """Write a toy world into out_dir and return its manifest. It is written into a temp dir next to out_dir and
+    renamed at the end, so an interrupted build never looks finished. An existing toy world at out_dir is replaced;
+    any other non-empty directory is refused."""
+    cfg = dict(seed=seed, n_pool=n_pool, n_sft=n_sft, n_eval=n_eval, image_size=image_size, wrong_share=wrong_share,
+               shard_size=shard_size)
+    for k in ("n_pool", "shard_size", "n_sft", "n_eval"):
+        if not isinstance(cfg[k], int) or cfg[k] < (1 if k in ("n_pool", "shard_size") else 0):
+            raise ValueError(f"toyworld: {k} must be a {'positive' if k in ('n_pool', 'shard_size') else 'non-negative'}"
+                             f" integer, got {cfg[k]!r}")
+    if not (32 <= image_size <= 4096 and 0 <= wrong_share < 1):
+        raise ValueError(f"toyworld: need 32 <= image_size <= 4096 and 0 <= wrong_share < 1, got {image_size}, "
+                         f"{wrong_share}")
+    out_dir = os.path.abspath(out_dir)
+    if os.path.isdir(out_dir) and os.listdir(out_dir) and _manifest_config(out_dir) is None:
+        raise FileExistsError(f"toyworld: {out_dir} exists and is not a toy world (no manifest.json); not replacing it")
+    tmp = f"{out_dir}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        man = {"name": "toyworld", "version": VERSION, "config": cfg, "files": {}, "pool": {},
+               "scenes": {"pool": {}, "sft": {}, "eval": {}}}
+        texts = _write_pool(tmp, cfg, man) + _write_sft(tmp, cfg, man)
+        _write_eval(tmp, cfg, man)  # eval text does not train the tokenizer either
+        tok = train_tokenizer(texts + ["system\nYou are a helpful assistant.\nuser\nassistant\n"], VOCAB_SIZE)
+        tok.save(os.path.join(tmp, "tokenizer.json"))
+        man["files"]["tokenizer.json"] = {"vocab_size": tok.get_vocab_size(with_added_tokens=True),
+                                          "bpe_vocab_size": tok.get_vocab_size(with_added_tokens=False)}
+        _dump_manifest(man, os.path.join(tmp, "manifest.json"))  # last: a dir with a manifest is complete
+        old = f"{out_dir}.old-{os.getpid()}"
+        if os.path.exists(out_dir):
+            os.rename(out_dir, old)
+        os.rename(tmp, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+        return man
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def default_root() -> str:
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "cache", "toyworld")
+
+
+def ensure(root=None, **kw) -> str:
+    """The world dir, built on first use, and rebuilt if it was built with other settings or by an older generator.
+    In a multi-process job call it on one rank first, and let the others wait at a barrier."""
+    root = os.path.abspath(root or default_root())
+    if _manifest_config(root) != (VERSION, {**DEFAULTS, **kw}):
+        print(f"toyworld: building the toy world into {root}", file=sys.stderr)
+        build(root, **{**DEFAULTS, **kw})
+    return root
+
+
+def write_samples(out, seed=0, image_size=64, n_pool=20000, wrong_share=0.1):
+    """PNGs of two clean pool records (the first with a word, the first with several kinds); prints the captions."""
+    broken, wrong = pool_noise(seed, n_pool, wrong_share)
+    wants = [lambda s: s["text"], lambda s: not s["text"] and len(groups(s)) > 1]
+    os.makedirs(out, exist_ok=True)
+    for i in (i for i in range(n_pool) if i not in broken and i not in wrong):
+        scene, cap = pool_record(seed, i)
+        if wants and wants[0](scene):
+            path = os.path.join(out, f"toyworld_sample_{3 - len(wants)}.png")
+            render(scene, image_size).save(path, optimize=True)
+            print(f"{path}: pool record {i} (seed {seed}): {cap}")
+            wants.pop(0)
+
+
+@dataclasses.dataclass
+class Config:
+    """python toyworld.py [--out DIR] [--seed N] [--n-pool N] [--n-sft N] [--n-eval N] [--image-size PX]
+    [--wrong-share F] [--shard-size N] [--samples DIR]"""
+    out: str = ""  # the world dir; empty: cache/toyworld next to this file
+    seed: int = 0
+    n_pool: int = 20000
+    n_sft: int = 10000
+    n_eval: int = 1000
+    image_size: int = 64
+    wrong_share: float = 0.1
+    shard_size: int = 2500
+    samples: str = ""  # instead of building: write two sample pool images (PNG) into this dir, print their captions
+
+
+def main():
+    from model import parse_config
+
+    cfg = parse_config(Config)
+    if cfg.samples:
+        return write_samples(cfg.samples, cfg.seed, cfg.image_size, cfg.n_pool, cfg.wrong_share)
+    t0, out = time.time(), cfg.out or default_root()
+    man = build(out, **{k: getattr(cfg, k) for k in DEFAULTS})
+    p = man["pool"]
+    print(f"toyworld: wrote {out} in {time.time() - t0:.1f}s: {p['samples']} pool pairs in {p['shards']} shards "
+          f"({len(p['wrong_caption'])} wrong captions, {sum(map(len, p['broken'].values()))} broken records), "
+          f"{cfg.n_sft} SFT conversations, {cfg.n_eval} questions per eval set, "
+          f"vocab {man['files']['tokenizer.json']['vocab_size']}")
+
+
+if __name__ == "__main__":
+    main()
