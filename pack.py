@@ -347,7 +347,8 @@ def pack_fill(lengths: list[int], cap: int) -> list[list[int]]:
         rows.append(sorted(row))
         while top < n and done[longest[top]]:
             top += 1
-    return rows
+    ffd = pack_ffd(lengths, cap)  # cheap insurance for length mixes far from captions: never worse than the paper
+    return ffd if len(ffd) < len(rows) else rows
 
 
 PACKERS = {"fill": pack_fill, "ffd": pack_ffd}

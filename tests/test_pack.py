@@ -1,0 +1,385 @@
+"""pack.py on small WebDataset worlds: every document once, exact ids and image bytes, rows that fit, counted skips,
+truncated tars, byte-identical reruns, and kills that leave nothing looking finished."""
+import base64
+import collections
+import hashlib
+import io
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import model as M
+import pack
+
+SEQ, IMG = 1024, 16  # small rows and image cost: many rows per shard, many documents per row
+REASON = {"truncated_jpeg": "corrupt_image", "zero_byte_image": "empty_image", "empty_caption": "empty_caption",
+          "missing_txt": "missing_caption"}  # huge_caption is truncated (or too_long with --long drop)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def write_tar(path, members):
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def image_bytes(w, h, fmt="JPEG", mode="RGB", seed=0):
+    a = np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    img = Image.fromarray(a).convert(mode)
+    if mode == "RGBA":
+        img.putalpha(128)
+    buf = io.BytesIO()
+    img.save(buf, fmt)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory):
+    """A small stand-in for the toy world's layout: tokenizer.json, pool/00000N.tar shards of {key}.jpg/.txt/.json
+    and a manifest naming the broken records by kind."""
+    import tokenizers as tk
+
+    root = tmp_path_factory.mktemp("world")
+    rng = random.Random(0)
+    vocab = [w for w in "a red blue green circle square star on the left right of two three big small sign with "
+             "café naïve 猫 word photo stock vector image free download".split()]
+    texts = [" ".join(rng.choice(vocab) for _ in range(rng.randint(1, 30))) for _ in range(2000)]
+    tok = tk.Tokenizer(tk.models.BPE())
+    tok.pre_tokenizer = tk.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = tk.decoders.ByteLevel()
+    tok.train_from_iterator(texts, tk.trainers.BpeTrainer(vocab_size=600, show_progress=False,
+                                                          initial_alphabet=tk.pre_tokenizers.ByteLevel.alphabet()))
+    tok.add_special_tokens(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+    tok.save(str(root / "tokenizer.json"))
+    kinds = ["truncated_jpeg", "zero_byte_image", "empty_caption", "missing_txt", "huge_caption", "cmyk_jpeg",
+             "png_alpha"]
+    broken = {k: [] for k in kinds}
+    os.makedirs(root / "pool")
+    for s in range(3):
+        members = []
+        for i in range(150):
+            key = f"{s:05d}{i:04d}"
+            kind = kinds[(i // 10) % len(kinds)] if i % 10 == 3 else None  # ~1 in 10 broken, every kind
+            cap = ("  " if i % 7 == 0 else "") + " ".join(rng.choice(vocab) for _ in range(int(rng.lognormvariate(2.3, 0.7)) + 1))
+            data = image_bytes(rng.randint(8, 40), rng.randint(8, 40), seed=s * 1000 + i)
+            ext = "jpg"
+            if kind:
+                broken[kind].append(key)
+            if kind == "truncated_jpeg":
+                data = data[: len(data) // 2]
+            elif kind == "zero_byte_image":
+                data = b""
+            elif kind == "cmyk_jpeg":
+                data = image_bytes(24, 24, mode="CMYK", seed=i)
+            elif kind == "png_alpha":
+                data, ext = image_bytes(24, 24, "PNG", "RGBA", seed=i), "png"
+            elif kind == "empty_caption":
+                cap = " \n"
+            elif kind == "huge_caption":
+                cap = " ".join(rng.choice(vocab) for _ in range(3000))
+            members.append((f"{key}.{ext}", data))
+            members.append((f"{key}.json", json.dumps({"key": key, "uid": hashlib.md5(key.encode()).hexdigest()}).encode()))
+            if kind != "missing_txt":
+                members.append((f"{key}.txt", cap.encode()))
+        write_tar(root / "pool" / f"{s:06d}.tar", members)
+    with open(root / "manifest.json", "w") as f:
+        json.dump({"pool": {"broken": broken}}, f)
+    return str(root)
+
+
+def source_records(world):
+    """{key: {ext: bytes}} straight from the pool tars, without pack.py."""
+    recs = collections.defaultdict(dict)
+    for name in sorted(os.listdir(os.path.join(world, "pool"))):
+        with tarfile.open(os.path.join(world, "pool", name)) as tar:
+            for m in tar:
+                key, _, ext = m.name.partition(".")
+                recs[key][ext] = tar.extractfile(m).read()
+    return recs
+
+
+def run(world, out, *flags):
+    return pack.main(["--input", os.path.join(world, "pool"), "--output", str(out), "--tokenizer",
+                      os.path.join(world, "tokenizer.json"), "--seq-len", str(SEQ), "--image-tokens", str(IMG), *flags])
+
+
+def tree(out):
+    """{file name: sha256} of a packed dir."""
+    return {n: hashlib.sha256(open(os.path.join(out, n), "rb").read()).hexdigest() for n in sorted(os.listdir(out))}
+
+
+def documents(out):
+    """Every packed document: (key, uid, ids, images)."""
+    for row in pack.read_packed(out):
+        ids, start, img = row["input_ids"], 0, 0
+        for key, uid, n in zip(row["keys"], row["uids"], row["doc_lengths"]):
+            doc = ids[start: start + n].tolist()
+            k = doc.count(M.IMAGE_ID)
+            yield key, uid, doc, row["images"][img: img + k]
+            start, img = start + n, img + k
+
+
+@pytest.fixture(scope="session")
+def packed(world, tmp_path_factory):
+    out = tmp_path_factory.mktemp("packed")
+    stats = run(world, out, "--workers", "2")
+    return str(out), stats
+
+
+def test_every_document_once_with_exact_ids_and_bytes(world, packed):
+    out, _ = packed
+    tok = M.Tokenizer(os.path.join(world, "tokenizer.json"))
+    manifest = json.load(open(os.path.join(world, "manifest.json")))["pool"]["broken"]
+    bad = {k for kind, keys in manifest.items() if kind in REASON for k in keys}
+    src = source_records(world)
+    seen = collections.Counter()
+    for key, uid, ids, images in documents(out):
+        seen[key] += 1
+        rec = src[key]
+        caption = rec["txt"].decode().strip()
+        assert uid == json.loads(rec["json"])["uid"]
+        assert images == [rec.get("jpg", rec.get("png"))]  # the original bytes, untouched
+        assert ids[:2] == [tok.bos_id, M.IMAGE_ID] and ids[-1] == tok.eos_id
+        if key in manifest["huge_caption"]:  # truncated to exactly one row, still a prefix of the caption
+            assert len(ids) + IMG - 1 == SEQ
+            assert ids[:-1] == M.caption_tokens(tok, caption)[: len(ids) - 1]
+        else:
+            assert ids == M.caption_tokens(tok, caption)
+            assert tok.decode(ids) == "\n" + caption  # round trip to the source text
+    assert set(seen) == set(src) - bad and max(seen.values()) == 1
+    for kind in ("cmyk_jpeg", "png_alpha"):  # valid images: packed, and they load for training
+        assert all(seen[k] == 1 for k in manifest[kind])
+
+
+def test_rows_fit_and_are_consistent(world, packed):
+    out, stats = packed
+    shards = pack.packed_shards(out)
+    assert [os.path.basename(p) for p, _ in shards] == ["000000.tar", "000001.tar", "000002.tar"]
+    rows = list(pack.read_packed(out))
+    assert len(rows) == sum(n for _, n in shards) == stats["rows"]
+    tokens = 0
+    for row in rows:
+        ids = row["input_ids"]
+        assert ids.dtype == np.int32 and ids.ndim == 1
+        assert sum(row["doc_lengths"]) == len(ids) and len(row["keys"]) == len(row["doc_lengths"])
+        assert (ids == M.IMAGE_ID).sum() == len(row["images"])
+        n = len(ids) + (IMG - 1) * len(row["images"])
+        assert n <= SEQ
+        tokens += n
+    assert tokens == stats["tokens"] and stats["fill"] == tokens / (len(rows) * SEQ)
+    batch = M.collate_rows(rows[:4], IMG, SEQ, pad_id=0)  # what train.py will do with them
+    assert batch["input_ids"].shape == (4, SEQ)
+    for image in rows[0]["images"]:
+        assert M.load_image(image).mode == "RGB"
+    # iter_rows seeks: starting mid-shard gives the tail of the full iteration
+    path, n = shards[1]
+    full = list(pack.iter_rows(path))
+    tail = list(pack.iter_rows(path, start=n - 3))
+    assert [r["keys"] for r in tail] == [r["keys"] for r in full[-3:]] and list(pack.iter_rows(path, n)) == []
+
+
+def test_counts_and_reasons(world, packed):
+    out, stats = packed
+    manifest = json.load(open(os.path.join(world, "manifest.json")))["pool"]["broken"]
+    assert stats == json.load(open(os.path.join(out, "stats.json")))
+    assert stats["samples_in"] == len(source_records(world))
+    assert stats["samples_in"] == stats["docs_out"] + sum(stats["skipped"].values())
+    want = collections.Counter()
+    for kind, reason in REASON.items():
+        want[reason] += len(manifest[kind])
+    assert stats["skipped"] == dict(want)
+    assert stats["truncated_docs"] == len(manifest["huge_caption"])
+    assert (stats["seq_len"], stats["image_tokens"]) == (SEQ, IMG)
+    assert stats["vocab_size"] == len(M.Tokenizer(os.path.join(world, "tokenizer.json")))
+
+
+def test_long_documents_dropped_on_request(world, tmp_path):
+    manifest = json.load(open(os.path.join(world, "manifest.json")))["pool"]["broken"]
+    stats = run(world, tmp_path, "--long", "drop", "--method", "ffd")
+    assert stats["skipped"]["too_long"] == len(manifest["huge_caption"]) and stats["truncated_docs"] == 0
+    assert stats["samples_in"] == stats["docs_out"] + sum(stats["skipped"].values())
+    assert not {k for k, *_ in documents(tmp_path)} & set(manifest["huge_caption"])
+
+
+def test_rerun_restores_a_deleted_shard_byte_identically(world, packed, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(packed[0], out)
+    before = tree(out)
+    others = {n: os.stat(out / n).st_mtime_ns for n in before if n.startswith(("000000", "000002"))}
+    os.remove(out / "000001.tar")
+    os.remove(out / "000001.stats.json")
+    run(world, out, "--workers", "1")
+    assert tree(out) == before
+    assert {n: os.stat(out / n).st_mtime_ns for n in others} == others  # finished shards were not redone
+    with pytest.raises(SystemExit, match="other settings"):
+        run(world, out, "--method", "ffd")  # never mix shards packed with different flags
+
+
+def test_unfinished_files_are_never_taken_for_finished(world, packed, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(packed[0], out)
+    before = tree(out)
+    # what a kill can leave: temp files, a tar whose stats never got written, a tar cut short after its stats
+    open(out / ".000000.tar.tmp", "wb").write(b"partial")
+    os.remove(out / "000001.stats.json")
+    with open(out / "000002.tar", "r+b") as f:
+        f.truncate(10240)
+    os.remove(out / "stats.json")
+    assert [os.path.basename(p) for p, _ in pack.packed_shards(out)] == ["000000.tar"]
+    with pytest.raises(FileNotFoundError):
+        next(pack.iter_rows(str(out / "000001.tar")))
+    run(world, out, "--workers", "1")
+    assert tree(out) == before
+
+
+def test_sigkill_mid_run(world, packed, tmp_path):
+    """Kill a real run at whatever point it has reached: what is there must be complete or invisible."""
+    src = tmp_path / "pool"
+    os.makedirs(src)
+    for k in range(8):  # more shards so the kill lands mid-way
+        shutil.copy(os.path.join(world, "pool", f"00000{k % 3}.tar"), src / f"{k:06d}.tar")
+    cmd = [sys.executable, os.path.join(ROOT, "pack.py"), "--input", str(src), "--output", str(tmp_path / "out"),
+           "--tokenizer", os.path.join(world, "tokenizer.json"), "--seq-len", str(SEQ), "--image-tokens", str(IMG),
+           "--workers", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while proc.poll() is None and not os.path.exists(tmp_path / "out" / "000001.stats.json"):
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    finished = pack.packed_shards(str(tmp_path / "out"))
+    for path, n in finished:  # every shard that looks finished reads completely
+        assert len(list(pack.iter_rows(path))) == n
+    assert not os.path.exists(tmp_path / "out" / "stats.json") or len(finished) == 8
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    restarted = tree(tmp_path / "out")
+    shutil.rmtree(tmp_path / "out")
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert tree(tmp_path / "out") == restarted  # the resumed run equals a clean one, byte for byte
+
+
+def test_truncated_tars_keep_what_came_before(world, tmp_path):
+    data = open(os.path.join(world, "pool", "000000.tar"), "rb").read()
+    offsets = [m.offset for m in tarfile.open(os.path.join(world, "pool", "000000.tar"))]
+    os.makedirs(tmp_path / "in")
+    cut_data = offsets[40] + 512 + 7  # inside the data of member 40 (sample 13: .jpg .json .txt per sample)
+    open(tmp_path / "in" / "a.tar", "wb").write(data[:cut_data])
+    open(tmp_path / "in" / "b.tar", "wb").write(data[: offsets[42]])  # at a header, before sample 14
+    open(tmp_path / "in" / "c.tar", "wb").write(b"")
+    stats = pack.main(["--input", str(tmp_path / "in" / "*.tar"), "--output", str(tmp_path / "out"), "--tokenizer",
+                       os.path.join(world, "tokenizer.json"), "--seq-len", str(SEQ), "--image-tokens", str(IMG)])
+    per = {n: json.load(open(tmp_path / "out" / f"{n}.stats.json")) for n in "abc"}
+    assert per["a"]["samples_in"] == 14 and per["a"]["skipped"].get("truncated_tar") == 1
+    assert per["b"]["samples_in"] == 14 and per["b"]["skipped"].get("truncated_tar") == 1  # complete? unknowable
+    assert per["c"]["samples_in"] == 0 and per["c"]["rows"] == 0
+    assert all(s["broken_tar"] for s in per.values()) and len(stats["broken_tars"]) == 3
+    assert stats["samples_in"] == stats["docs_out"] + sum(stats["skipped"].values())
+    keys = collections.Counter(k for k, *_ in documents(tmp_path / "out"))
+    assert all(k < "000000013" for k in keys) and set(keys.values()) == {2}  # a and b: the same samples 0..12
+
+
+def test_interleaved_documents(world, tmp_path):
+    tok = M.Tokenizer(os.path.join(world, "tokenizer.json"))
+    good, tiny = image_bytes(20, 16), image_bytes(1, 16, "PNG")
+    b64 = base64.b64encode
+    docs = {
+        "d0": {"texts": ["a red circle", None, "on the left", None], "image_info":
+               [None, {"image_base64": b64(good).decode()}, None, {"image_base64": b64(tiny).decode()}]},
+        "d1": {"texts": [None, "two stars"], "image_info": [{"image_base64": "not base64!"}, None]},
+        "d2": {"texts": ["no image here"], "image_info": [None]},
+    }
+    os.makedirs(tmp_path / "in")
+    write_tar(tmp_path / "in" / "x.tar", [(f"{k}.json", json.dumps(v).encode()) for k, v in docs.items()] +
+              [("e.jpg", good), ("e.txt", b"\xff\xfe bad utf-8"), ("f.txt", b"no image"), ("g.jpg", tiny),
+               ("g.txt", b"tiny"), ("h.jpg", good), ("h.json", b"{not json")])
+    stats = pack.main(["--input", str(tmp_path / "in" / "x.tar"), "--output", str(tmp_path / "out"), "--tokenizer",
+                       os.path.join(world, "tokenizer.json"), "--seq-len", str(SEQ), "--image-tokens", str(IMG)])
+    assert stats["skipped"] == {"corrupt_image": 1, "missing_image": 2, "bad_text": 1, "tiny_image": 1,
+                                "bad_json": 1}
+    assert stats["docs_out"] == 1 and stats["dropped_images"] == 1
+    [(key, uid, ids, images)] = documents(tmp_path / "out")
+    assert key == "d0" and images == [good]
+    assert ids == M.interleaved_tokens(tok, ["a red circle", None, "on the left"])
+
+
+def test_image_checks_read_headers_only():
+    jpg = image_bytes(30, 20)
+    assert pack.check_image(jpg) == ("jpg", None)
+    assert pack.check_image(jpg + b"\0" * 100) == ("jpg", None)  # zero padding after EOI is harmless
+    assert pack.check_image(jpg[:-2]) == (None, "corrupt_image")
+    assert pack.check_image(b"") == (None, "empty_image")
+    assert pack.check_image(b"GIF89a" + b"\x00" * 20) == (None, "corrupt_image")
+    assert pack.check_image(os.urandom(2000)) == (None, "corrupt_image")
+    for fmt, ext in (("PNG", "png"), ("WEBP", "webp"), ("GIF", "gif")):
+        data = image_bytes(30, 20, fmt)
+        assert pack.check_image(data) == (ext, None)
+        assert pack.check_image(data[: len(data) - 5])[1] == "corrupt_image"
+    assert pack.check_image(image_bytes(1, 30))[1] == "tiny_image"
+    for side in (10000, 20000):  # over model.MAX_IMAGE_PIXELS; over twice that, PIL itself refuses
+        png = bytearray(image_bytes(4, 4, "PNG"))  # a PNG whose header claims side x side
+        png[16:24] = side.to_bytes(4, "big") * 2
+        png[29:33] = zlib.crc32(png[12:29]).to_bytes(4, "big")
+        assert pack.check_image(bytes(png))[1] == "huge_image"
+
+
+def test_ffd_is_the_papers_and_fill_closes_rows():
+    def ffd_reference(lengths, cap):  # the official first_fit_decreasing_with_ids, as a plain scan
+        bins = []
+        for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+            for b in bins:
+                if sum(lengths[j] for j in b) + lengths[i] <= cap:
+                    b.append(i)
+                    break
+            else:
+                bins.append([i])
+        return bins
+
+    rng = np.random.default_rng(0)
+    for n in (0, 1, 2, 7, 300):
+        lengths = rng.integers(1, 60, n).tolist()
+        assert pack.pack_ffd(lengths, 100) == ffd_reference(lengths, 100)
+    words = np.maximum(1, np.round(rng.lognormal(np.log(12) - 0.245, 0.7, 2500))).astype(int)
+    lengths = (words + rng.binomial(words, 0.3) + 147).tolist()  # caption documents at 144 image tokens
+    for method in ("ffd", "fill"):
+        rows = pack.PACKERS[method](lengths, 4096)
+        assert sorted(i for r in rows for i in r) == list(range(len(lengths)))
+        assert max(sum(lengths[i] for i in r) for r in rows) <= 4096
+        if method == "fill":  # the fewest rows possible: all full but the last
+            assert len(rows) == -(-sum(lengths) // 4096)
+        else:
+            assert len(rows) > -(-sum(lengths) // 4096)
+    for lo, hi in ((1, 4096), (1000, 3000), (2000, 2100)):  # far from captions: still valid, never worse than FFD
+        lengths = rng.integers(lo, hi + 1, 200).tolist()
+        rows = pack.pack_fill(lengths, 4096)
+        assert sorted(i for r in rows for i in r) == list(range(200))
+        assert max(sum(lengths[i] for i in r) for r in rows) <= 4096
+        assert len(rows) <= len(pack.pack_ffd(lengths, 4096))
+
+
+def test_inputs_and_names(tmp_path):
+    assert pack.expand_braces("/d/{0008..0010}.tar") == ["/d/0008.tar", "/d/0009.tar", "/d/0010.tar"]
+    assert pack.expand_braces("{a,b}{1..2}") == ["a1", "a2", "b1", "b2"]
+    assert pack.expand_braces("x{y}") == ["x{y}"]
+    for d in ("ccs", "datacomp"):
+        os.makedirs(tmp_path / d)
+        for i in range(2):
+            open(tmp_path / d / f"{i:05d}.tar", "wb").close()
+    paths = pack.resolve_inputs([str(tmp_path / "ccs"), str(tmp_path / "datacomp/{00000..00001}.tar")])
+    assert pack.output_names(paths) == ["ccs__00000", "ccs__00001", "datacomp__00000", "datacomp__00001"]
+    assert pack.output_names(paths[:2]) == ["00000", "00001"]
+    with pytest.raises(SystemExit, match="no input shard"):
+        pack.resolve_inputs([str(tmp_path / "ccs/{00000..00002}.tar")])  # a missing shard is an error
+    assert pack._take_inputs(["--input", "a", "b", "--workers", "2", "--input=c"]) == (["a", "b", "c"],
+                                                                                     ["--workers", "2"])
