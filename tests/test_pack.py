@@ -180,6 +180,10 @@ def test_rows_fit_and_are_consistent(world, packed):
         assert n <= SEQ
         tokens += n
     assert tokens == stats["tokens"] and stats["fill"] == tokens / (len(rows) * SEQ)
+    with tarfile.open(shards[0][0]) as tar:  # plain tar: standard tools read it
+        first = {m.name: tar.extractfile(m).read() for m in tar.getmembers()[:2 + len(rows[0]["images"])]}
+    assert first["000000.json"] and [first[f"000000.{j:04d}.jpg"] for j in range(len(rows[0]["images"]))] == \
+        [im for im in rows[0]["images"]]
     batch = M.collate_rows(rows[:4], IMG, SEQ, pad_id=0)  # what train.py will do with them
     assert batch["input_ids"].shape == (4, SEQ)
     for image in rows[0]["images"]:
@@ -290,6 +294,27 @@ def test_truncated_tars_keep_what_came_before(world, tmp_path):
     assert all(k < "000000013" for k in keys) and set(keys.values()) == {2}  # a and b: the same samples 0..12
 
 
+@pytest.mark.parametrize("fmt", [tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_read_tar_long_names_and_corrupt_headers(tmp_path, fmt):
+    long = "d" * 90 + "/ünïcode-" + "k" * 80  # past ustar's 100 bytes: a GNU long name or a pax path record
+    members = [(f"{long}{i}.{ext}", f"{i}{ext}".encode() * 300) for i in range(3) for ext in ("jpg", "txt")]
+    with tarfile.open(tmp_path / "a.tar", "w", format=fmt) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    got = list(pack.read_tar(str(tmp_path / "a.tar")))
+    assert [k for k, _ in got] == [f"{long}{i}" for i in range(3)]
+    assert [m["txt"][0] for _, m in got] == [f"{i}txt".encode() * 300 for i in range(3)]
+    data = bytearray(open(tmp_path / "a.tar", "rb").read())
+    at = [m.offset for m in tarfile.open(tmp_path / "a.tar")][4]  # the header of sample 2's jpg
+    data[at + 130] ^= 1  # one flipped bit in a size field
+    open(tmp_path / "b.tar", "wb").write(data)
+    got = list(pack.read_tar(str(tmp_path / "b.tar")))
+    assert [k for k, _ in got] == [f"{long}0", f"{long}1"]  # sample 1 was being read when it broke
+    assert isinstance(got[0][1], dict) and "corrupt header" in got[1][1]
+
+
 def test_interleaved_documents(world, tmp_path):
     tok = M.Tokenizer(os.path.join(world, "tokenizer.json"))
     good, tiny = image_bytes(20, 16), image_bytes(1, 16, "PNG")
@@ -314,6 +339,7 @@ def test_interleaved_documents(world, tmp_path):
     assert ids == M.interleaved_tokens(tok, ["a red circle", None, "on the left"])
 
 
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
 def test_image_checks_read_headers_only():
     jpg = image_bytes(30, 20)
     assert pack.check_image(jpg) == ("jpg", None)
@@ -381,5 +407,6 @@ def test_inputs_and_names(tmp_path):
     assert pack.output_names(paths[:2]) == ["00000", "00001"]
     with pytest.raises(SystemExit, match="no input shard"):
         pack.resolve_inputs([str(tmp_path / "ccs/{00000..00002}.tar")])  # a missing shard is an error
-    assert pack._take_inputs(["--input", "a", "b", "--workers", "2", "--input=c"]) == (["a", "b", "c"],
-                                                                                     ["--workers", "2"])
+    cfg = M.parse_config(pack.PackConfig, ["--input", "a", "b*", "--workers", "2"])
+    assert cfg.input == ["a", "b*"] and cfg.workers == 2 and cfg.seq_len == 4096 and cfg.image_tokens == 144
+    assert pack.expand_braces("{0..10}")[-2:] == ["9", "10"] and pack.expand_braces("{3..1}") == ["1", "2", "3"]
