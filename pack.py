@@ -384,7 +384,8 @@ def pack_shard(src: str, out_dir: str, name: str, cfg: PackConfig, tok: Tokenize
     assert samples_in == len(docs) + sum(skipped.values()), "a sample was neither packed nor counted"
 
     lengths = [len(d.ids) + (T - 1) * len(d.images) for d in docs]
-    rows = PACKERS[cfg.method](lengths, C)
+    rows = PACKERS[cfg.method](lengths, C)  # rows come out by their longest document: shuffle, by a fixed hash
+    rows = [rows[r] for r in sorted(range(len(rows)), key=lambda r: hashlib.sha1(f"{name}/{r}".encode()).digest())]
     path, tmp, offsets = os.path.join(out_dir, name + ".tar"), os.path.join(out_dir, f".{name}.tar.tmp"), []
     with open(src, "rb") as source, open(tmp, "wb") as f:
         for r, row in enumerate(rows):
