@@ -324,12 +324,15 @@ def test_read_tar_long_names_and_corrupt_headers(tmp_path, fmt):
 def test_interleaved_documents(world, tmp_path):
     tok = M.Tokenizer(os.path.join(world, "tokenizer.json"))
     good, tiny = image_bytes(20, 16), image_bytes(1, 16, "PNG")
+    pngs = [image_bytes(8, 8, "PNG", seed=i) for i in range(80)]
     b64 = base64.b64encode
     docs = {
         "d0": {"texts": ["a red circle", None, "on the left", None], "image_info":
                [None, {"image_base64": b64(good).decode()}, None, {"image_base64": b64(tiny).decode()}]},
         "d1": {"texts": [None, "two stars"], "image_info": [{"image_base64": "not base64!"}, None]},
         "d2": {"texts": ["no image here"], "image_info": [None]},
+        "d3": {"texts": ["big"] + [None] * 80, "image_info": [None] + [{"image_base64": b64(im).decode()}  # too long
+                                                                       for im in pngs]},
     }
     os.makedirs(tmp_path / "in")
     write_tar(tmp_path / "in" / "x.tar", [(f"{k}.json", json.dumps(v).encode()) for k, v in docs.items()] +
@@ -339,10 +342,20 @@ def test_interleaved_documents(world, tmp_path):
                        os.path.join(world, "tokenizer.json"), "--seq-len", str(SEQ), "--image-tokens", str(IMG)])
     assert stats["skipped"] == {"corrupt_image": 1, "missing_image": 2, "bad_text": 1, "tiny_image": 1,
                                 "bad_json": 1}
-    assert stats["docs_out"] == 1 and stats["dropped_images"] == 1
-    [(key, uid, ids, images)] = documents(tmp_path / "out")
-    assert key == "d0" and images == [good]
-    assert ids == M.interleaved_tokens(tok, ["a red circle", None, "on the left"])
+    assert stats["docs_out"] == 2 and stats["dropped_images"] == 1 and stats["truncated_docs"] == 1
+    docs = {key: (ids, images) for key, uid, ids, images in documents(tmp_path / "out")}
+    assert docs["d0"] == (M.interleaved_tokens(tok, ["a red circle", None, "on the left"]), [good])
+    ids, images = docs["d3"]  # cut to fit one row, without the image left dangling at the end
+    full = M.interleaved_tokens(tok, ["big"] + [None] * 80)
+    assert ids == pack.fit(full, IMG, SEQ, tok.eos_id) and ids[-2] != M.IMAGE_ID and ids[-1] == tok.eos_id
+    assert images == pngs[: ids.count(M.IMAGE_ID)] and len(ids) + (IMG - 1) * len(images) > SEQ - IMG - 2
+
+
+def test_fit_cuts_after_expansion_and_drops_trailing_images():
+    I = M.IMAGE_ID  # noqa: E741
+    assert pack.fit([1, I, 5, 6, I, 7, 8, 2], 3, 7, eos=2) == [1, I, 5, 6, 2]  # 1 + 3 + 1 + 1 + EOS = 7
+    assert pack.fit([1, I, 5, 6, I, 7, 8, 2], 3, 10, eos=2) == [1, I, 5, 6, 2]  # the second image would end it
+    assert pack.fit([1, I, 5, 6, I, 7, 8, 2], 3, 11, eos=2) == [1, I, 5, 6, I, 7, 2]
 
 
 @pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
