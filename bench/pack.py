@@ -58,7 +58,8 @@ def bench_fill(cfg):
             fill["fill without each shard's emptiest row"].append(sum(sorted(rows)[1:]) / ((len(rows) - 1) * 4096))
             fill["bound"].append(sum(lengths) / (-(-sum(lengths) // 4096) * 4096))
         print(f"  {n:>6,} samples/shard ({np.mean(lengths):.1f} tokens/doc, {np.mean(words > 70):.2%} past 70 words): "
-              + ", ".join(f"{k} {np.mean(v):.2%} [{np.min(v):.2%}]" for k, v in fill.items()))
+              + ", ".join(f"{k} {np.mean(v):.2%} [{np.min(v):.2%}]" for k, v in fill.items())
+              + f"; fill = bound in {sum(a == b for a, b in zip(fill['fill'], fill['bound']))}/{cfg.shards} shards")
 
 
 def make_world(root, cfg):
