@@ -164,7 +164,7 @@ def build_model(cfg: Config, vocab: int, device) -> M.VLM:
     elif cfg.vision and cfg.llm:
         net = M.build_vlm(cfg.vision, cfg.llm, cfg.image_tokens, act=cfg.vision_act)
     else:  # random init, identical on every rank (same seed, full model), so any world size starts the same
-        c = M.preset(cfg.preset, vocab_size=-(-vocab // 64) * 64)
+        c = M.preset(cfg.preset, vocab_size=None if cfg.preset == "paper" else -(-vocab // 64) * 64)
         c.vision.act, c.image_tokens = cfg.vision_act, cfg.image_tokens
         with torch.device(device):
             net = M.VLM(c)

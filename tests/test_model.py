@@ -480,3 +480,29 @@ def test_build_vlm_from_parts(tmp_path):
     assert torch.equal(net.projector.fc1.weight, a.projector.fc1.weight)  # seeded like the official init
     prompt = [[1, M.IMAGE_ID, 5, 6]]
     assert len(net.generate(prompt, torch.randn(1, 3, 32, 32), max_new_tokens=3)[0]) == 3
+
+
+def test_text_only_batch_still_runs_the_tower_in_training():
+    """Under FSDP every rank must all-gather the vision unit and reduce the projector's gradients, or a rank with a
+    text-only micro-batch would leave the others waiting forever."""
+    net = tiny_vlm().train()
+    net.vision.requires_grad_(False)
+    calls = []
+    net.vision.register_forward_hook(lambda *a: calls.append(1))
+    ids = torch.tensor([[1, 5, 6, 7, 2]])
+    b = M.collate_rows([{"input_ids": ids[0].tolist(), "doc_lengths": [5]}], 4, 5, 0)
+    net(b["input_ids"], None, b["doc_lens"], b["targets"]).backward()
+    assert calls and net.projector.fc1.weight.grad is not None
+    assert net.projector.fc1.weight.grad.abs().sum() == 0  # it takes part, but changes nothing
+    net.eval()
+    calls.clear()
+    with torch.no_grad():
+        net(b["input_ids"])
+    assert not calls  # inference skips it
+
+
+def test_hub_ids_resolve_through_the_hub_only_when_not_local(tmp_path):
+    with pytest.raises(FileNotFoundError, match="hub"):
+        M.Qwen2.from_pretrained("no-such-org/no-such-model")  # offline in tests: a clear error, not a hang
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        M.Qwen2.from_pretrained(str(tmp_path / "a" / "b" / "c"))

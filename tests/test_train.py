@@ -110,3 +110,9 @@ def test_dry_run_paper(capsys):
     out = capsys.readouterr().out
     assert "220 A100" in out and "GPU-hours" in out
     assert "trainable" in out and "frozen" in out
+
+
+def test_non_finite_loss_stops_naming_step_and_rows(packed, tmp_path):
+    with pytest.raises(RuntimeError, match=r"step \d+ \(rows from \d+.*non-finite"):
+        train.main(flags(packed, tmp_path / "nan", "--steps", "20", "--lr", "1e30", "--warmup", "0", "--workers", "0"))
+    assert not (tmp_path / "nan" / "final").exists()
