@@ -323,7 +323,9 @@ def dry_run(cfg: Config, vocab: int):
     trainable = sum(p.numel() for p in net.parameters()) - vision * (not cfg.train_vision)
     doc = cfg.image_tokens + 28  # an average paper document: one image, ~28 text tokens (5B tokens / 29M pairs)
     per_row = cfg.seq_len // doc
-    b = dict(n_tokens=per_row * doc, n_images=per_row, n_sup=per_row * 27, attn_pairs=per_row * doc * (doc + 1) // 2)
+    t = per_row * doc
+    b = dict(n_tokens=t, n_images=per_row, n_sup=per_row * 27,
+             attn_pairs=per_row * doc * (doc + 1) // 2 if cfg.doc_mask else t * (t + 1) // 2)
     f = flops(c, b, cfg.train_vision) / b["n_tokens"]
     hours = cfg.token_budget * f / (cfg.gpu_tflops * 1e12 * cfg.gpu_mfu) / 3600
     print(f"parameters: {trainable / 1e6:.1f}M trainable, {vision * (not cfg.train_vision) / 1e6:.1f}M frozen "
