@@ -46,6 +46,8 @@ class Bench:
     gen_batch: str = "1,4"  # generation batch sizes, comma-separated
     repeats: int = 7
     threads: int = 0  # 0: torch's default
+    train: bool = True  # --no-train: generation only
+    generate: bool = True  # --no-generate: training step only
 
 
 def interleaved(fns: dict, repeats: int, warmup: int = 1) -> dict:
@@ -139,13 +141,14 @@ print(f"config: hidden {cfg.hidden}, {cfg.layers} layers, {cfg.heads} heads / {c
 dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
 ratios = {}
 
-print(f"\ntraining step (forward+backward, batch {cfg.batch} x seq {cfg.seq}), tokens/s (median of {cfg.repeats}):")
-print(f"  {'dtype':5} {'row':26} {'ours':>7} {'HF':>7} {'ours/HF':>7}  |loss diff|")
 ids = torch.randint(0, cfg.vocab, (cfg.batch, cfg.seq))
 image_labels = ids.clone()
 image_labels[:, : int(cfg.image_frac * cfg.seq)] = M.IGNORE  # an image block, then its caption
 rows = {"text (all supervised)": ids, f"image ({cfg.image_frac:.0%} unsupervised)": image_labels}
-for dn, dtype in dtypes.items():
+if cfg.train:
+    print(f"\ntraining step (forward+backward, batch {cfg.batch} x seq {cfg.seq}), tokens/s (median of {cfg.repeats}):")
+    print(f"  {'dtype':5} {'row':26} {'ours':>7} {'HF':>7} {'ours/HF':>7}  |loss diff|")
+for dn, dtype in dtypes.items() if cfg.train else ():
     ours, hf = cast(ours32, dtype).train(), cast(hf32, dtype).train()
     for row, labels in rows.items():
         t, diff = train_row(ours, hf, ids, labels, cfg.repeats)
@@ -154,12 +157,13 @@ for dn, dtype in dtypes.items():
         print(f"  {dn:5} {row:26} {tok / t['ours']:7.0f} {tok / t['hf']:7.0f} {t['ratio']:7.2f}  {diff:.1e}")
     ours.zero_grad(set_to_none=True), hf.zero_grad(set_to_none=True)
 
-print(f"\ngreedy generation (prompt {cfg.prompt}, {cfg.new_tokens} new tokens), generated tokens/s (median of "
-      f"{cfg.repeats}):")
-print(f"  {'dtype':5} {'batch':>5} {'ours':>7} {'HF':>7} {'ours/HF':>7}  tokens equal to HF's")
+if cfg.generate:
+    print(f"\ngreedy generation (prompt {cfg.prompt}, {cfg.new_tokens} new tokens), generated tokens/s (median of "
+          f"{cfg.repeats}):")
+    print(f"  {'dtype':5} {'batch':>5} {'ours':>7} {'HF':>7} {'ours/HF':>7}  tokens equal to HF's")
 tiny_vision = M.VisionConfig(image_size=16, patch_size=8, hidden_size=8, intermediate_size=8, num_layers=1,
                              num_heads=1, use_head=False)
-for dn, dtype in dtypes.items():
+for dn, dtype in dtypes.items() if cfg.generate else ():
     ours, hf = cast(ours32, dtype).eval(), cast(hf32, dtype).eval()
     with torch.device("meta"):  # no images: the tower and projector stay unused, so skip initializing them
         vlm = M.VLM(M.VLMConfig(vision=tiny_vision, llm=ours.config, image_tokens=4)).eval()
