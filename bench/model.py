@@ -119,8 +119,8 @@ if cfg.threads:
     torch.set_num_threads(cfg.threads)
 print(f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads, "
       f"CPU {torch.backends.cpu.get_cpu_capability()}, load average {os.getloadavg()[0]:.1f}")
-print(f"2048^3 matmul: fp32 {gflops(torch.float32):.0f} GFLOP/s, bf16 {gflops(torch.bfloat16):.0f} GFLOP/s "
-      "(machine.md, idle: fp32 270-320, bf16 1550-1720; about half of that means another process holds a core)")
+print(f"2048^3 matmul: fp32 {gflops(torch.float32):.0f} GFLOP/s, bf16 {gflops(torch.bfloat16):.0f} GFLOP/s (again at the "
+      "end; half of an idle run's figure means another process held a core)")
 
 torch.manual_seed(0)
 hf_cfg = transformers.Qwen2Config(vocab_size=cfg.vocab, hidden_size=cfg.hidden, intermediate_size=cfg.intermediate,
