@@ -514,6 +514,9 @@ def make_attention(doc_lens: list[list[int]] | None, device, backend: str = "aut
 
 def attend(q, k, v, attn: Attention):
     """q (B, H, T, hd); k, v (B, Hkv, S, hd) -> (B, H, T, hd). GQA without materializing repeated heads."""
+    if q.shape[2] == 1 and q.device.type == "cpu" and q.dtype != torch.float32 and attn.kind != "flex":
+        # a one-query decode step: CPU SDPA runs it 3-28x slower in bf16 than in fp32 (bench/model.py), so upcast
+        return attend(q.float(), k.float(), v.float(), attn).to(q.dtype)
     if attn.kind == "causal":
         return F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1, enable_gqa=True)
     if attn.kind == "mask":
@@ -598,7 +601,7 @@ class Qwen2(nn.Module):
         return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
     def forward(self, input_ids=None, embeds=None, positions=None, attn: Attention | None = None, targets=None,
-                cache: KVCache | None = None):
+                cache: KVCache | None = None, last_only: bool = False):
         """input_ids or embeds (B, T) -> logits (B, T, V); with `targets` (B, T, already shifted, IGNORE where
         unsupervised) -> the *sum* of token cross-entropies in fp32, computing logits only at supervised positions
         (most positions of a pre-training row are image tokens). The caller divides by its global token count."""
@@ -618,7 +621,7 @@ class Qwen2(nn.Module):
             cache.length += T
         x = self.norm(x)
         if targets is None:
-            return F.linear(x, self.head_weight())
+            return F.linear(x[:, -1:] if last_only else x, self.head_weight())  # last_only: generation's prefill
         keep = targets != IGNORE
         logits = F.linear(x[keep], self.head_weight()).float()
         return F.cross_entropy(logits, targets[keep], reduction="sum")
@@ -761,13 +764,16 @@ class VLM(nn.Module):
         cache = KVCache(self.llm.config, B, L + max_new_tokens, self.llm.embed_tokens.weight.dtype, dev)
 
         def attention(T):
+            if bool(keys[:, : cache.length + T].all()):  # no left padding: plain causal SDPA, no mask to build
+                return Attention("causal")
             q = torch.arange(cache.length, cache.length + T, device=dev)[:, None]
             k = torch.arange(cache.length + T, device=dev)[None]
             m = ((k <= q)[None] & keys[:, None, : cache.length + T]) | (k == q)[None]  # pads see themselves: no NaN
             return Attention("mask", mask=m[:, None])
 
         positions = (keys[:, :L].cumsum(1) - 1).clamp(min=0)
-        logits = self.llm(embeds=self.embed(ids, pixel_values), positions=positions, attn=attention(L), cache=cache)
+        logits = self.llm(embeds=self.embed(ids, pixel_values), positions=positions, attn=attention(L), cache=cache,
+                          last_only=True)
         logits, pos = logits[:, -1], positions[:, -1:]
         gen = torch.Generator(dev).manual_seed(seed)
         out, done = [[] for _ in range(B)], [False] * B
