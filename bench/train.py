@@ -25,17 +25,17 @@ class Config:
     rows: int = 2  # packed rows per step
     seq_len: int = 1024
     image_tokens: int = 64  # 16x16 grid pooled to 8x8
-    vocab: int = 16384
+    vocabs: str = "16384,151936"  # a small vocab, and Qwen2.5's real one (where skipping unsupervised logits pays most)
     threads: int = 0  # 0 = torch's default
 
 
-def packed_rows(cfg, rng):
+def packed_rows(cfg, vocab, rng):
     """Caption documents like pre-training: <s> [image] \\n ~8-40 text tokens <|im_end|>, packed to seq_len."""
     rows = []
     for _ in range(cfg.rows):
         ids, lens = [], []
         while True:
-            doc = [1, M.IMAGE_ID] + rng.integers(3, cfg.vocab, int(rng.integers(8, 40))).tolist() + [2]
+            doc = [1, M.IMAGE_ID] + rng.integers(3, vocab, int(rng.integers(8, 40))).tolist() + [2]
             if len(ids) + len(doc) + (cfg.image_tokens - 1) * (ids.count(M.IMAGE_ID) + 1) > cfg.seq_len:
                 break
             ids, lens = ids + doc, lens + [len(doc)]
@@ -47,14 +47,19 @@ def main():
     cfg = M.parse_config(Config)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    for vocab in map(int, cfg.vocabs.split(",")):
+        bench(cfg, vocab)
+
+
+def bench(cfg, vocab):
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[cfg.dtype]
     import transformers
     torch.manual_seed(0)
     vc = M.VisionConfig(224, 14, 384, 1536, 12, 6, act="gelu_tanh", use_head=False)  # 16x16 patches
-    qc = M.QwenConfig(cfg.vocab, 512, 1408, 8, 8, 2, 64, 1e4, tie_embeddings=True)
+    qc = M.QwenConfig(vocab, 512, 1408, 8, 8, 2, 64, 1e4, tie_embeddings=True)
     ours = M.VLM(M.VLMConfig(vc, qc, cfg.image_tokens)).init_weights(0)
     hf_llm = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
-        vocab_size=cfg.vocab, hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,
+        vocab_size=vocab, hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,
         num_key_value_heads=2, rope_theta=1e4, tie_word_embeddings=True, attn_implementation="sdpa"))
     hf_vis = transformers.SiglipVisionModel(transformers.SiglipVisionConfig(
         image_size=224, patch_size=14, hidden_size=384, intermediate_size=1536, num_hidden_layers=12,
@@ -67,7 +72,7 @@ def main():
     hf_vis.requires_grad_(False)
 
     rng = np.random.default_rng(0)
-    batch = M.collate_rows(packed_rows(cfg, rng), cfg.image_tokens, cfg.seq_len, pad_id=0)
+    batch = M.collate_rows(packed_rows(cfg, vocab, rng), cfg.image_tokens, cfg.seq_len, pad_id=0)
     n_images = int((batch["input_ids"] == M.IMAGE_ID).sum()) // cfg.image_tokens
     pixels = torch.randn(n_images, 3, 224, 224, dtype=dtype)
     ids, targets = batch["input_ids"], batch["targets"]
@@ -107,7 +112,7 @@ def main():
     peak = train.peak_flops(train.Config(), torch.device("cpu"), dtype)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {cfg.dtype}; {cfg.rows} rows x "
           f"{cfg.seq_len} tokens, {n_images} images x {cfg.image_tokens} tokens, {n_sup} supervised tokens")
-    print(f"vision 12 blocks x 384 (16x16 patches), llm 8 layers x 512, vocab {cfg.vocab}; "
+    print(f"vision 12 blocks x 384 (16x16 patches), llm 8 layers x 512, vocab {vocab}; "
           f"measured matmul peak {peak / 1e9:.0f} GFLOP/s")
     for k in med:
         print(f"{k:>13}: {med[k] * 1e3:8.1f} ms/step  {tokens / med[k]:8,.0f} tok/s")
