@@ -838,25 +838,19 @@ def _write_json(path: str, obj):
 
 SKIP = "skip"
 _L = r"(?:encoder\.layers|blocks)\.(\d+)\."  # one pattern for both HF and timm block prefixes
-QWEN_KEYS = [
-    (r"(?:model\.)?embed_tokens\.weight", "embed_tokens.weight"), (r"(?:model\.)?norm\.weight", "norm.weight"),
-    (r"lm_head\.weight", "lm_head.weight"),
-    (r"(?:model\.)?layers\.(\d+)\.self_attn\.q_proj\.(weight|bias)", r"layers.\1.qkv.\2", 0, 3),
-    (r"(?:model\.)?layers\.(\d+)\.self_attn\.k_proj\.(weight|bias)", r"layers.\1.qkv.\2", 1, 3),
-    (r"(?:model\.)?layers\.(\d+)\.self_attn\.v_proj\.(weight|bias)", r"layers.\1.qkv.\2", 2, 3),
-    (r"(?:model\.)?layers\.(\d+)\.self_attn\.o_proj\.weight", r"layers.\1.o_proj.weight"),
-    (r"(?:model\.)?layers\.(\d+)\.mlp\.gate_proj\.weight", r"layers.\1.gate_up.weight", 0, 2),
-    (r"(?:model\.)?layers\.(\d+)\.mlp\.up_proj\.weight", r"layers.\1.gate_up.weight", 1, 2),
-    (r"(?:model\.)?layers\.(\d+)\.mlp\.down_proj\.weight", r"layers.\1.down.weight"),
-    (r"(?:model\.)?layers\.(\d+)\.input_layernorm\.weight", r"layers.\1.attn_norm.weight"),
-    (r"(?:model\.)?layers\.(\d+)\.post_attention_layernorm\.weight", r"layers.\1.mlp_norm.weight"),
-    (r".*rotary_emb\.inv_freq", SKIP),
+QWEN_KEYS = [  # HF Qwen2ForCausalLM, with or without the leading "model."
+    (r"embed_tokens\.weight", "embed_tokens.weight"), (r"norm\.weight", "norm.weight"),
+    (r"lm_head\.weight", "lm_head.weight"), (r".*rotary_emb\.inv_freq", SKIP),
+    (r"layers\.(\d+)\.self_attn\.(?P<part>[qkv])_proj\.(weight|bias)", r"layers.\1.qkv.\3", "qkv"),
+    (r"layers\.(\d+)\.mlp\.(?P<part>gate|up)_proj\.weight", r"layers.\1.gate_up.weight", ("gate", "up")),
+    (r"layers\.(\d+)\.self_attn\.o_proj\.weight", r"layers.\1.o_proj.weight"),
+    (r"layers\.(\d+)\.mlp\.down_proj\.weight", r"layers.\1.down.weight"),
+    (r"layers\.(\d+)\.input_layernorm\.weight", r"layers.\1.attn_norm.weight"),
+    (r"layers\.(\d+)\.post_attention_layernorm\.weight", r"layers.\1.mlp_norm.weight"),
 ]
 SIGLIP_BLOCK_KEYS = [  # HF encoder.layers.N.* and timm blocks.N.*
     (_L + r"(?:layer_norm|norm)([12])\.(weight|bias)", r"blocks.\1.norm\2.\3"),
-    (_L + r"self_attn\.q_proj\.(weight|bias)", r"blocks.\1.qkv.\2", 0, 3),
-    (_L + r"self_attn\.k_proj\.(weight|bias)", r"blocks.\1.qkv.\2", 1, 3),
-    (_L + r"self_attn\.v_proj\.(weight|bias)", r"blocks.\1.qkv.\2", 2, 3),
+    (_L + r"self_attn\.(?P<part>[qkv])_proj\.(weight|bias)", r"blocks.\1.qkv.\3", "qkv"),
     (_L + r"attn\.qkv\.(weight|bias)", r"blocks.\1.qkv.\2"),
     (_L + r"(?:self_attn\.out_proj|attn\.proj)\.(weight|bias)", r"blocks.\1.proj.\2"),
     (_L + r"mlp\.(fc[12])\.(weight|bias)", r"blocks.\1.\2.\3"),
@@ -868,7 +862,7 @@ VISION_KEYS = SIGLIP_BLOCK_KEYS + [
     (r"post_layernorm\.(weight|bias)|norm\.(weight|bias)", r"post_norm.\1\2"),
     (r"head\.probe|attn_pool\.latent", "head.probe"),
     (r"head\.attention\.in_proj_(weight|bias)", r"head.in_proj.\1"),
-    (r"attn_pool\.q\.(weight|bias)", r"head.in_proj.\1", 0, 2), (r"attn_pool\.kv\.(weight|bias)", r"head.in_proj.\1", 1, 2),
+    (r"attn_pool\.(?P<part>q|kv)\.(weight|bias)", r"head.in_proj.\2", ("q", "kv")),  # timm splits q from kv
     (r"head\.attention\.out_proj\.(weight|bias)|attn_pool\.proj\.(weight|bias)", r"head.out_proj.\1\2"),
     (r"head\.layernorm\.(weight|bias)|attn_pool\.norm\.(weight|bias)", r"head.norm.\1\2"),
     (r"(?:head|attn_pool)\.mlp\.(fc[12])\.(weight|bias)", r"head.\1.\2"),
@@ -881,14 +875,18 @@ TEXT_KEYS = SIGLIP_BLOCK_KEYS + [
 
 
 def _mapper(*tables):
-    """(checkpoint prefix, rules, our prefix) tables -> name -> (our name, part, parts) | SKIP | None (unknown)."""
+    """(checkpoint prefix, rules, our prefix) tables -> name -> (our name, part, parts) | SKIP | None (unknown).
+    A rule with a part list fuses tensors: the `part` group says which slice of our tensor this one is."""
     import re
-    compiled = [(pre, re.compile(r[0]), r[1], r[2:] or (0, 1), ours) for pre, rules, ours in tables for r in rules]
+    compiled = [(pre, re.compile(r[0]), r[1], r[2] if len(r) > 2 else None, ours)
+                for pre, rules, ours in tables for r in rules]
 
     def key_map(name):
-        for pre, rx, repl, part, ours in compiled:
+        for pre, rx, repl, parts, ours in compiled:
             if name.startswith(pre) and (m := rx.fullmatch(name[len(pre):])):
-                return SKIP if repl == SKIP else (ours + m.expand(repl), *part)
+                if repl == SKIP:
+                    return SKIP
+                return ours + m.expand(repl), *((list(parts).index(m["part"]), len(parts)) if parts else (0, 1))
         return None
     return key_map
 
@@ -983,7 +981,7 @@ def load_qwen(src: str, dtype=None) -> Qwen2:
     with torch.device("meta"):
         model = Qwen2(cfg)
     rules = ([(r"lm_head\.weight", SKIP)] if cfg.tie_embeddings else []) + QWEN_KEYS  # tied: the head is the embedding
-    return load_into(model, iter_tensors(weight_files(d)), _mapper(("", rules, "")), dtype)
+    return load_into(model, iter_tensors(weight_files(d)), _mapper(("model.", rules, ""), ("", rules, "")), dtype)
 
 
 def load_vision(src: str, config: VisionConfig | None = None, act: str | None = None, dtype=None) -> SiglipVision:
@@ -1054,10 +1052,8 @@ def load_official(ckpt: str, vision: str, llm: str, image_tokens: int = 144, dty
     with torch.device("meta"):
         model = VLM(VLMConfig(v.config, c, image_tokens))
     model.vision = v
-    rules = [(r"projector\.mlp_projector\.0\.(weight|bias)", r"projector.fc1.\1"),
-             (r"projector\.mlp_projector\.2\.(weight|bias)", r"projector.fc2.\1")]
-    tied = [("llm.lm_head.weight", SKIP)] if c.tie_embeddings else []  # the official file stores a tied head twice
-    key_map = _mapper(("", rules, ""), ("llm.", [(r"lm_head\.weight", SKIP)] * bool(tied) + QWEN_KEYS, "llm."))
-    tensors = [(ckpt, f"{part}.{k}".replace("llm_backbone.", ""), t) for part in ("projector", "llm_backbone")
-               for k, t in sd[part].items()]
+    llm_rules = ([(r"lm_head\.weight", SKIP)] if c.tie_embeddings else []) + QWEN_KEYS  # a tied head is stored twice
+    key_map = _mapper(("mlp_projector.", [(r"0\.(weight|bias)", r"fc1.\1"), (r"2\.(weight|bias)", r"fc2.\1")], "projector."),
+                      ("llm.model.", llm_rules, "llm."), ("llm.", llm_rules, "llm."))
+    tensors = [(ckpt, k, t) for part in ("projector", "llm_backbone") for k, t in sd[part].items()]
     return load_into(model, tensors, key_map, dtype)
