@@ -15,6 +15,7 @@ import glob
 import json
 import math
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -366,7 +367,8 @@ def run(cfg, rank, world, device, stage):
                          f"{cfg.micro_batch}: lower --micro-batch")
     dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "bf16": torch.bfloat16,
              "fp32": torch.float32}[cfg.precision]
-    stats = json.load(open(os.path.join(data_dir, "stats.json")))
+    with open(os.path.join(data_dir, "stats.json")) as f:
+        stats = json.load(f)
     if (stats["seq_len"], stats["image_tokens"]) != (cfg.seq_len, cfg.image_tokens):
         raise SystemExit(f"{data_dir} was packed for seq_len {stats['seq_len']} / image_tokens "
                          f"{stats['image_tokens']}, this run uses {cfg.seq_len} / {cfg.image_tokens}")
@@ -393,7 +395,7 @@ def run(cfg, rank, world, device, stage):
         M._write_json(os.path.join(cfg.out, "config.json"), {"stage": stage, "config": dataclasses.asdict(cfg),
                                                               "model": dataclasses.asdict(mcfg), "commit": git_commit(),
                                                               "world_size": world, "data": stats})
-        kept = [ln for ln in open(metrics_path)] if start and os.path.exists(metrics_path) else []
+        kept = open(metrics_path).readlines() if start and os.path.exists(metrics_path) else []
         with open(metrics_path, "w") as f:  # drop steps a killed run logged after its last checkpoint
             f.writelines(ln for ln in kept if json.loads(ln)["step"] <= start)
     wandb = None
@@ -473,7 +475,7 @@ def log_line(window, step, total, start, t_start, device):
     done = (step - start) / max(1, total - start)
     eta = (time.time() - t_start) * (1 - done) / max(done, 1e-9)
     mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else \
-        __import__("resource").getrusage(__import__("resource").RUSAGE_SELF).ru_maxrss / 2**20
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # peak RSS (KiB on Linux)
     bar = "#" * int(20 * step / total)
     print0(f"[{bar:<20}] step {step}/{total} loss {window[-1]['loss']:.4f} lr {window[-1]['lr']:.2e} "
            f"gnorm {window[-1]['grad_norm']:.2f} | {sum(r['tokens'] for r in window) / t:,.0f} tok/s "
