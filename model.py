@@ -945,7 +945,9 @@ def load_into(model: nn.Module, tensors, key_map, dtype=None) -> nn.Module:
     parameter with the right shape, and every parameter must be filled: anything else is an error naming it."""
     params = dict(model.named_parameters())
     parts: dict[str, dict] = {}
+    seen = set()
     for path, name, t in tensors:
+        seen.add(path)
         m = key_map(name)
         if m == SKIP:
             continue
@@ -971,7 +973,7 @@ def load_into(model: nn.Module, tensors, key_map, dtype=None) -> nn.Module:
         params[ours] = getattr(model.get_submodule(mod), leaf)
     missing = [k for k, p in model.named_parameters() if p.is_meta] + [k + " (partial)" for k in parts]
     if missing:
-        raise KeyError(f"checkpoint lacks {len(missing)} tensor(s): {', '.join(missing[:8])}")
+        raise KeyError(f"{', '.join(sorted(seen))}: missing {len(missing)} tensor(s): {', '.join(missing[:8])}")
     return model
 
 

@@ -307,8 +307,9 @@ def test_bad_checkpoints_name_the_culprit(tmp_path):
         save_file(d, target)
         msg = {"shape": "model.layers.1.mlp.down_proj.weight", "unknown": "model.layers.0.self_attn.extra.weight",
                "missing": "norm.weight"}[case]
-        with pytest.raises((ValueError, KeyError), match=msg.replace(".", r"\.")):
+        with pytest.raises((ValueError, KeyError), match=msg.replace(".", r"\.")) as e:
             M.Qwen2.from_pretrained(str(bad / case))
+        assert target in str(e.value)  # the file is named too
 
 
 def test_loads_straight_into_bf16(tmp_path):
