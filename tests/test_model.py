@@ -507,3 +507,19 @@ def test_hub_ids_resolve_through_the_hub_only_when_not_local(tmp_path):
         M.Qwen2.from_pretrained("no-such-org/no-such-model")  # offline in tests: a clear error, not a hang
     with pytest.raises(FileNotFoundError, match="no such file"):
         M.Qwen2.from_pretrained(str(tmp_path / "a" / "b" / "c"))
+
+
+def test_activation_checkpointing_changes_nothing():
+    rng = np.random.default_rng(5)
+    docs = [doc(rng, 6), doc(rng, 4, 2)]
+    b = M.collate_rows([{"input_ids": sum(docs, []), "doc_lengths": [len(d) for d in docs]}], 4, 40, 0)
+    images = torch.randn(3, 3, 16, 16)
+    grads = []
+    for ac in (False, True):
+        net = tiny_vlm(seed=6).train()
+        net.llm.checkpointing = ac
+        loss = net(b["input_ids"], images, b["doc_lens"], b["targets"])
+        loss.backward()
+        grads.append((loss.detach(), [p.grad.clone() for p in net.llm.parameters()]))
+    assert torch.equal(grads[0][0], grads[1][0])
+    assert all(torch.allclose(a, c, atol=1e-7) for a, c in zip(grads[0][1], grads[1][1]))
