@@ -178,14 +178,9 @@ def check_image(data: bytes) -> tuple[str | None, str | None]:
     except Exception:  # PIL raises many kinds for garbage; they all mean the same here
         return None, "corrupt_image"
     tail = data[-1024:].rstrip(b"\0")  # some writers pad files with zeros
-    if fmt == "PNG":
-        complete = tail[-8:-4] == b"IEND"  # the last chunk: length 0, "IEND", CRC
-    elif fmt == "WEBP":
-        complete = len(data) >= 8 + int.from_bytes(data[4:8], "little")  # the RIFF header holds the file size
-    elif fmt == "GIF":
-        complete = tail[-1:] == b";"  # the trailer byte
-    else:
-        complete = tail[-2:] == b"\xff\xd9"  # JPEG's end-of-image marker
+    complete = {"PNG": tail[-8:-4] == b"IEND",  # the last chunk: length 0, "IEND", CRC
+                "WEBP": len(data) >= 8 + int.from_bytes(data[4:8], "little"),  # the RIFF header holds the file size
+                "GIF": tail[-1:] == b";"}.get(fmt, tail[-2:] == b"\xff\xd9")  # GIF's trailer; JPEG's end of image
     if not complete:
         return None, "corrupt_image"
     if w * h > MAX_IMAGE_PIXELS:  # model.load_image refuses these, so training could not use them
