@@ -22,7 +22,6 @@ records are skipped and counted by reason; captions are stripped. --method ffd i
 from __future__ import annotations
 
 import base64
-import binascii
 import glob
 import hashlib
 import io
@@ -132,10 +131,8 @@ def read_tar(path: str, offset: int = 0):
                 if kind == b"L":  # GNU: the next member's long name
                     long_name = data.rstrip(b"\0").decode(errors="replace")
                     continue
-                if kind == b"x":  # pax: "LENGTH key=value\n" records for the next member
-                    records = [r.partition(b" ")[2] for r in data.split(b"\n")]
-                    long_name = next((r[5:].decode(errors="replace") for r in records if r.startswith(b"path=")),
-                                     None)
+                if kind == b"x":  # pax: "LENGTH key=value\n" records for the next member, of which path= is its name
+                    long_name = (m := re.search(rb"(?m)^[^ \n]* path=(.*)", data)) and m[1].decode(errors="replace")
                     continue
                 prefix = h[345:500].rstrip(b"\0") + b"/" if h[257:262] == b"ustar" and h[345] else b""
                 name, long_name = long_name or (prefix + h[:100].rstrip(b"\0")).decode(errors="replace"), None
@@ -202,18 +199,14 @@ def read_doc(key: str, members: dict, tok: Tokenizer, counts: Counter) -> Doc | 
     """One sample -> a Doc, or the reason it is skipped."""
     try:
         meta = json.loads(members["json"][0]) if "json" in members else {}
-    except ValueError:
+        key, uid = str(meta.get("key") or key), meta.get("uid")
+    except (ValueError, AttributeError):  # not json, or json but not an object
         return "bad_json"
-    if not isinstance(meta, dict):
-        return "bad_json"
-    key, uid = str(meta.get("key") or key), meta.get("uid")
     if "texts" in meta and "image_info" in meta:
         return read_interleaved(key, uid, meta, tok, counts)
     image = next((members[e] for e in IMAGE_EXTS if e in members), None)
-    if image is None:
-        return "missing_image"
-    if "txt" not in members:
-        return "missing_caption"
+    if image is None or "txt" not in members:
+        return "missing_caption" if image else "missing_image"
     try:
         caption = members["txt"][0].decode("utf-8").strip()
     except UnicodeDecodeError:
@@ -236,7 +229,7 @@ def read_interleaved(key: str, uid, meta: dict, tok: Tokenizer, counts: Counter)
         if isinstance(info, dict) and info.get("image_base64"):
             try:
                 data = base64.b64decode(info["image_base64"], validate=True)
-            except (binascii.Error, TypeError, ValueError):
+            except (TypeError, ValueError):  # binascii.Error is a ValueError
                 data = b"?"  # -> corrupt_image
             ext, bad = check_image(data)
             if bad:
