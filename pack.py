@@ -364,12 +364,11 @@ def pack_shard(src: str, out_dir: str, name: str, cfg: PackConfig, tok: Tokenize
                 continue
         samples_in += 1
         d = "truncated_tar" if broken else read_doc(key, members, tok, counts)
-        if not isinstance(d, str) and len(d.ids) + (T - 1) * len(d.images) > C:
-            if cfg.long == "truncate":
-                d.ids = fit(d.ids, T, C, tok.eos_id)
-                d.images = d.images[: d.ids.count(IMAGE_ID)]
-                counts["truncated_docs"] += bool(d.images)
-            d = d if cfg.long == "truncate" and d.images else "too_long"
+        if not isinstance(d, str) and len(d.ids) + (T - 1) * len(d.images) > C:  # truncate, or drop as too_long
+            d.ids = fit(d.ids, T, C, tok.eos_id)
+            d.images = d.images[: d.ids.count(IMAGE_ID)] if cfg.long == "truncate" else []
+            counts["truncated_docs"] += bool(d.images)
+            d = d if d.images else "too_long"
         if isinstance(d, str):
             skipped[d] += 1
         else:
