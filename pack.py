@@ -22,6 +22,7 @@ records are skipped and counted by reason; captions are stripped. --method ffd i
 from __future__ import annotations
 
 import base64
+import functools
 import glob
 import hashlib
 import io
@@ -454,24 +455,13 @@ def read_packed(out_dir: str):
 # ---------------------------------------------------------------------------------------------------------------------
 # Command line: one worker process per shard, progress, totals
 
-_tokenizers = {}  # per process: path -> Tokenizer
-
-
-def _settings(cfg: PackConfig, tok: Tokenizer) -> dict:
-    """What the output depends on besides the input: a rerun must not mix shards packed differently."""
-    path = os.path.join(cfg.tokenizer, "tokenizer.json") if os.path.isdir(cfg.tokenizer) else cfg.tokenizer
-    with open(path, "rb") as f:
-        sha = hashlib.sha256(f.read()).hexdigest()
-    return {"seq_len": cfg.seq_len, "image_tokens": cfg.image_tokens, "method": cfg.method, "long": cfg.long,
-            "vocab_size": len(tok), "tokenizer_sha256": sha}
+_tokenizer = functools.cache(Tokenizer)  # per process: loaded once per path
 
 
 def _pack_one(job):
     src, name, cfg, settings = job
     warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # check_image refuses those images itself
-    if cfg.tokenizer not in _tokenizers:
-        _tokenizers[cfg.tokenizer] = Tokenizer(cfg.tokenizer)
-    return pack_shard(src, cfg.output, name, cfg, _tokenizers[cfg.tokenizer], settings)
+    return pack_shard(src, cfg.output, name, cfg, _tokenizer(cfg.tokenizer), settings)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -489,14 +479,15 @@ def main(argv: list[str] | None = None) -> dict:
     os.makedirs(out, exist_ok=True)
     for p in glob.glob(os.path.join(glob.escape(out), ".*.tmp")):
         os.remove(p)  # left by a killed run
-    settings = _settings(cfg, Tokenizer(cfg.tokenizer))
-    todo = []
-    for src, name in zip(sources, names):
-        stats = _shard_stats(os.path.join(out, name + ".tar"))
-        if stats is not None and any(stats.get(k) != v for k, v in settings.items()):
-            raise SystemExit(f"pack: {out}/{name} was packed with other settings than {settings}; use a new --output")
-        if stats is None:
-            todo.append((src, name, cfg, settings))
+    # what the output depends on besides the input: a rerun must not mix shards packed differently
+    vocab, tok_file = len(Tokenizer(cfg.tokenizer)), os.path.join(cfg.tokenizer, "tokenizer.json")
+    with open(tok_file if os.path.isdir(cfg.tokenizer) else cfg.tokenizer, "rb") as f:
+        settings = {"seq_len": cfg.seq_len, "image_tokens": cfg.image_tokens, "method": cfg.method, "long": cfg.long,
+                    "vocab_size": vocab, "tokenizer_sha256": hashlib.sha256(f.read()).hexdigest()}
+    finished = {n: _shard_stats(os.path.join(out, n + ".tar")) for n in names}  # None: still to do
+    if other := [n for n, s in finished.items() if s is not None and any(s.get(k) != v for k, v in settings.items())]:
+        raise SystemExit(f"pack: {out}/{other[0]} was packed with other settings than {settings}; use a new --output")
+    todo = [(src, name, cfg, settings) for src, name in zip(sources, names) if finished[name] is None]
     if extra := {p for p, _ in packed_shards(out)} - {os.path.join(out, n + ".tar") for n in names}:
         print(f"pack: warning: {len(extra)} finished shards in {out} are not from these inputs; read_packed "
               "reads them too", file=sys.stderr)
@@ -506,16 +497,13 @@ def main(argv: list[str] | None = None) -> dict:
     workers = max(1, min(cfg.workers or len(os.sched_getaffinity(0)), len(todo)))
     print(f"pack: {len(sources)} shards, {len(sources) - len(todo)} already done, {workers} workers", file=sys.stderr)
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core per worker: the processes are the parallelism
-    pool = multiprocessing.Pool(workers) if workers > 1 else None
     t0, samples = time.time(), 0
-    for done, stats in enumerate(pool.imap_unordered(_pack_one, todo) if pool else map(_pack_one, todo), 1):
-        samples, dt = samples + stats["samples_in"], time.time() - t0
-        print(f"pack: {done}/{len(todo)} shards, {samples / dt:,.0f} samples/s, "
-              f"ETA {dt / done * (len(todo) - done) / 60:.1f} min", file=sys.stderr,
-              end="\r" if sys.stderr.isatty() and done < len(todo) else "\n")
-    if pool:
-        pool.close()
-        pool.join()
+    with multiprocessing.Pool(workers) if workers > 1 else nullcontext() as pool:  # one core: in this process
+        for done, stats in enumerate(pool.imap_unordered(_pack_one, todo) if pool else map(_pack_one, todo), 1):
+            samples, dt = samples + stats["samples_in"], time.time() - t0
+            print(f"pack: {done}/{len(todo)} shards, {samples / dt:,.0f} samples/s, "
+                  f"ETA {dt / done * (len(todo) - done) / 60:.1f} min", file=sys.stderr,
+                  end="\r" if sys.stderr.isatty() and done < len(todo) else "\n")
 
     shards = [_shard_stats(os.path.join(out, n + ".tar")) for n in names]
     total = {k: sum(s[k] for s in shards) for k in ("samples_in", "docs_out", "rows", "tokens", "images",
