@@ -87,12 +87,8 @@ def resolve_inputs(patterns: list[str]) -> list[str]:
     pattern that matches nothing is an error: a missing shard must not vanish silently from the data."""
     paths = []
     for p in (p for pattern in patterns for p in expand_braces(pattern)):
-        if os.path.isdir(p):
-            found = sorted(glob.glob(os.path.join(glob.escape(p), "*.tar")))
-        elif any(c in p for c in "*?["):
-            found = sorted(glob.glob(p))
-        else:
-            found = [p] if os.path.isfile(p) else []
+        g = os.path.join(glob.escape(p), "*.tar") if os.path.isdir(p) else p
+        found = sorted(glob.glob(g)) if any(c in g for c in "*?[") else [p] if os.path.isfile(p) else []
         if not found:
             raise SystemExit(f"pack: no input shard at {p!r}")
         paths += found
