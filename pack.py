@@ -66,20 +66,16 @@ FORMATS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gi
 
 def expand_braces(pattern: str) -> list[str]:
     """Shell braces, for patterns that were quoted: 'a{08..10}' -> a08 a09 a10, 'x{a,b}' -> xa xb."""
-    m = re.search(r"\{([^{}]*)\}", pattern)
+    m = re.search(r"\{(\d+)\.\.(\d+)\}|\{([^{}]*,[^{}]*)\}", pattern)  # the first range or list; {x} stays {x}
     if not m:
         return [pattern]
-    head, body, tail = pattern[: m.start()], m.group(1), pattern[m.end():]
-    if r := re.fullmatch(r"(\d+)\.\.(\d+)", body):
-        a, b = r.groups()
+    if m[3] is not None:
+        options = m[3].split(",")
+    else:
+        a, b = m.group(1, 2)
         width = max(len(a), len(b)) if any(len(x) > 1 and x[0] == "0" for x in (a, b)) else 0  # as bash pads
-        lo, hi = sorted((int(a), int(b)))
-        options = [str(i).zfill(width) for i in range(lo, hi + 1)]
-    elif "," in body:
-        options = body.split(",")
-    else:  # not a brace expression: literal
-        return [head + "{" + body + "}" + rest for rest in expand_braces(tail)]
-    return [p for o in options for p in expand_braces(head + o + tail)]
+        options = [str(i).zfill(width) for i in range(min(int(a), int(b)), max(int(a), int(b)) + 1)]
+    return [p for o in options for p in expand_braces(pattern[: m.start()] + o + pattern[m.end():])]
 
 
 def resolve_inputs(patterns: list[str]) -> list[str]:
