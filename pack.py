@@ -189,31 +189,27 @@ class Doc:
 
 
 def read_doc(key: str, members: dict, tok: Tokenizer, counts: Counter) -> Doc | str:
-    """One sample -> a Doc, or the reason it is skipped."""
+    """One sample -> a Doc, or the reason it is skipped. A sample is an image-caption pair or, when its json is
+    OBELICS-style {"texts": [...], "image_info": [...]}, an interleaved document: position i is an image if
+    image_info[i] holds one (in base64), else the text texts[i]. Its broken images are left out and counted as
+    dropped_images; one left without images is skipped, for the last broken image's reason or as missing_image."""
     try:
         meta = json.loads(members["json"][0]) if "json" in members else {}
         key, uid = str(meta.get("key") or key), meta.get("uid")
     except (ValueError, AttributeError):  # not json, or json but not an object
         return "bad_json"
-    if "texts" in meta and "image_info" in meta:
-        return read_interleaved(key, uid, meta, tok, counts)
-    image = next((members[e] for e in IMAGE_EXTS if e in members), None)
-    if image is None or "txt" not in members:
-        return "missing_caption" if image else "missing_image"
-    try:
-        caption = members["txt"][0].decode("utf-8").strip()
-    except UnicodeDecodeError:
-        return "bad_text"
-    if not caption:
-        return "empty_caption"
-    ext, bad = check_image(image[0])
-    return bad or Doc(key, uid, caption_tokens(tok, caption), [(ext, (image[1], len(image[0])))])
-
-
-def read_interleaved(key: str, uid, meta: dict, tok: Tokenizer, counts: Counter) -> Doc | str:
-    """OBELICS-style {"texts": [...], "image_info": [...]}: position i is an image if image_info[i] holds one (in
-    base64), else the text texts[i]. Broken images are left out and counted as dropped_images; a document left
-    without images is skipped, for the last broken image's reason or as missing_image."""
+    if "texts" not in meta or "image_info" not in meta:  # an image-caption pair
+        image = next((members[e] for e in IMAGE_EXTS if e in members), None)
+        if image is None or "txt" not in members:
+            return "missing_caption" if image else "missing_image"
+        try:
+            caption = members["txt"][0].decode("utf-8").strip()
+        except UnicodeDecodeError:
+            return "bad_text"
+        if not caption:
+            return "empty_caption"
+        ext, bad = check_image(image[0])
+        return bad or Doc(key, uid, caption_tokens(tok, caption), [(ext, (image[1], len(image[0])))])
     texts, infos = meta["texts"], meta["image_info"]
     if not (isinstance(texts, list) and isinstance(infos, list) and len(texts) == len(infos)):
         return "bad_json"
