@@ -185,7 +185,7 @@ class Doc:
     key: str
     uid: object  # the json's uid as it is (DataComp: 32 hex digits), or None
     ids: list[int]  # model.py's pre-training format, one IMAGE_ID per image
-    images: list  # per IMAGE_ID: (ext, bytes), or (ext, (offset, size)) in the source tar, read again when written
+    images: list  # per IMAGE_ID: (ext, bytes), or (ext, where in the source tar: a slice), read again when written
 
 
 def read_doc(key: str, members: dict, tok: Tokenizer, counts: Counter) -> Doc | str:
@@ -209,7 +209,7 @@ def read_doc(key: str, members: dict, tok: Tokenizer, counts: Counter) -> Doc | 
         if not caption:
             return "empty_caption"
         ext, bad = check_image(image[0])
-        return bad or Doc(key, uid, caption_tokens(tok, caption), [(ext, (image[1], len(image[0])))])
+        return bad or Doc(key, uid, caption_tokens(tok, caption), [(ext, slice(image[1], image[1] + len(image[0])))])
     texts, infos = meta["texts"], meta["image_info"]
     if not (isinstance(texts, list) and isinstance(infos, list) and len(texts) == len(infos)):
         return "bad_json"
@@ -378,9 +378,7 @@ def pack_shard(src: str, out_dir: str, name: str, cfg: PackConfig, tok: Tokenize
             np.lib.format.write_array(buf, ids, allow_pickle=False)
             f.write(_member(f"{r:06d}.input_ids.npy", buf.getvalue()))
             for j, (ext, image) in enumerate(im for i in row for im in docs[i].images):
-                if isinstance(image, tuple):  # (offset, size) in the source: copy the original bytes
-                    image = source[image[0]: image[0] + image[1]]
-                f.write(_member(f"{r:06d}.{j:04d}.{ext}", image))
+                f.write(_member(f"{r:06d}.{j:04d}.{ext}", source[image] if isinstance(image, slice) else image))
         f.write(bytes(1024))  # end of archive
     os.replace(tmp, path)  # atomic; after a crash a torn tar fails the size check against its stats
 
