@@ -254,20 +254,17 @@ def pack_ffd(lengths: list[int], cap: int) -> list[list[int]]:
     segment tree over the rows holding each subtree's largest free space, so that finding the first row with room
     takes O(log n) instead of a scan over all rows."""
     size = 1 << max(len(lengths) - 1, 0).bit_length()  # leaves: rows, opened left to right
-    free = [cap] * (2 * size)
-    rows: list[list[int]] = []
+    free, rows = [cap] * (2 * size), [[] for _ in range(size)]
     for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
         n = 1
         while n < size:  # descend to the leftmost leaf with room
             n = 2 * n if free[2 * n] >= lengths[i] else 2 * n + 1
-        if n - size == len(rows):
-            rows.append([])
         rows[n - size].append(i)
         free[n] -= lengths[i]
         while n > 1:
             n //= 2
             free[n] = max(free[2 * n], free[2 * n + 1])
-    return rows
+    return [row for row in rows if row]  # the rows opened, which are the first ones
 
 
 def pack_fill(lengths: list[int], cap: int) -> list[list[int]]:
@@ -277,8 +274,7 @@ def pack_fill(lengths: list[int], cap: int) -> list[list[int]]:
     wide, then closes that room with a subset-sum search over all lengths left. Lengths are integers in a narrow
     range, so an exact fit almost always exists, and the scrambled order keeps the lengths left varied to the end.
     On caption shards this gives the fewest rows possible: all full but the last (bench/pack.py)."""
-    n = len(lengths)
-    done = [False] * n
+    n, done = len(lengths), [False] * len(lengths)
     longest = sorted(range(n), key=lambda i: -lengths[i])
     scrambled = sorted(range(n), key=lambda i: -((i * 0x9E3779B1) % 2**32))  # golden-ratio hash order
     by_length: dict[int, list[int]] = {}  # length -> indices, placed ones skipped lazily
@@ -315,8 +311,7 @@ def pack_fill(lengths: list[int], cap: int) -> list[list[int]]:
         rows.append(sorted(row))
         while top < n and done[longest[top]]:
             top += 1
-    ffd = pack_ffd(lengths, cap)  # cheap insurance for length mixes unlike captions: never worse than the paper
-    return ffd if len(ffd) < len(rows) else rows
+    return min(rows, pack_ffd(lengths, cap), key=len)  # insurance for lengths unlike captions: never worse than FFD
 
 
 PACKERS = {"fill": pack_fill, "ffd": pack_ffd}
