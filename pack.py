@@ -339,45 +339,41 @@ def _dump(path: str, obj):
 def pack_shard(src: str, out_dir: str, name: str, cfg: PackConfig, tok: Tokenizer, settings: dict) -> dict:
     """Pack one input shard into out_dir/name.tar, then write out_dir/name.stats.json. Returns the stats."""
     T, C = cfg.image_tokens, cfg.seq_len
-    docs, skipped, counts, samples_in, broken = [], Counter(), Counter(), 0, None
+    samples, counts, broken = [], Counter(), None  # per sample read: its Doc, or the reason it is skipped
     for key, members in read_tar(src):
         if isinstance(members, str):  # the tar broke here
             broken = members
             print(f"pack: {src}: broken tar ({broken}); kept the samples before it", file=sys.stderr)
             if key is None:
                 continue
-        samples_in += 1
         d = "truncated_tar" if broken else read_doc(key, members, tok, counts)
         if not isinstance(d, str) and len(d.ids) + (T - 1) * len(d.images) > C:  # truncate, or drop as too_long
             d.ids = fit(d.ids, T, C, tok.eos_id)
             d.images = d.images[: d.ids.count(IMAGE_ID)] if cfg.long == "truncate" else []
             counts["truncated_docs"] += bool(d.images)
             d = d if d.images else "too_long"
-        if isinstance(d, str):
-            skipped[d] += 1
-        else:
-            docs.append(d)
-    assert samples_in == len(docs) + sum(skipped.values()), "a sample was neither packed nor counted"
+        samples.append(d)
+    # every sample read is packed or counted as skipped: samples_in == docs_out + sum(skipped), by construction
+    docs, skipped = [d for d in samples if not isinstance(d, str)], Counter(d for d in samples if isinstance(d, str))
 
     lengths = [len(d.ids) + (T - 1) * len(d.images) for d in docs]
     rows = PACKERS[cfg.method](lengths, C)  # rows come out by their longest document: shuffle, by a fixed hash
     rows = [rows[r] for r in sorted(range(len(rows)), key=lambda r: hashlib.sha1(f"{name}/{r}".encode()).digest())]
     path, tmp, offsets = os.path.join(out_dir, name + ".tar"), os.path.join(out_dir, f".{name}.tar.tmp"), []
     with _mapped(src) as source, open(tmp, "wb") as f:
-        for r, row in enumerate(rows):
+        for r, ds in enumerate([docs[i] for i in row] for row in rows):  # ds: the row's documents
             offsets.append(f.tell())
-            meta = {"doc_lengths": [len(docs[i].ids) for i in row], "keys": [docs[i].key for i in row],
-                    "uids": [docs[i].uid for i in row]}
+            meta = {"doc_lengths": [len(d.ids) for d in ds], "keys": [d.key for d in ds], "uids": [d.uid for d in ds]}
             f.write(_member(f"{r:06d}.json", json.dumps(meta).encode()))
-            ids, buf = np.array([t for i in row for t in docs[i].ids], np.int32), io.BytesIO()
+            ids, buf = np.array([t for d in ds for t in d.ids], np.int32), io.BytesIO()
             np.lib.format.write_array(buf, ids, allow_pickle=False)
             f.write(_member(f"{r:06d}.input_ids.npy", buf.getvalue()))
-            for j, (ext, image) in enumerate(im for i in row for im in docs[i].images):
+            for j, (ext, image) in enumerate(im for d in ds for im in d.images):
                 f.write(_member(f"{r:06d}.{j:04d}.{ext}", source[image] if isinstance(image, slice) else image))
         f.write(bytes(1024))  # end of archive
     os.replace(tmp, path)  # atomic; after a crash a torn tar fails the size check against its stats
 
-    stats = {"source": src, "samples_in": samples_in, "docs_out": len(docs), "rows": len(rows),
+    stats = {"source": src, "samples_in": len(samples), "docs_out": len(docs), "rows": len(rows),
              "tokens": sum(lengths), "fill": sum(lengths) / (len(rows) * C) if rows else 0.0,
              "skipped": dict(sorted(skipped.items())), "truncated_docs": counts["truncated_docs"],
              "images": sum(len(d.images) for d in docs), "dropped_images": counts["dropped_images"],
