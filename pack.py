@@ -189,10 +189,9 @@ class Doc:
 
 
 def read_doc(key: str, members: dict, tok: Tokenizer, counts: Counter) -> Doc | str:
-    """One sample -> a Doc, or the reason it is skipped. A sample is an image-caption pair or, when its json is
-    OBELICS-style {"texts": [...], "image_info": [...]}, an interleaved document: position i is an image if
-    image_info[i] holds one (in base64), else the text texts[i]. Its broken images are left out and counted as
-    dropped_images; one left without images is skipped, for the last broken image's reason or as missing_image."""
+    """One sample -> a Doc, or the reason it is skipped. With an OBELICS-style json {"texts": [...], "image_info":
+    [...]} it is an interleaved document: item i is image_info[i]'s base64 image if it has one, else texts[i]. Broken
+    images are left out (dropped_images); left with none, it is skipped for the last one's reason, or missing_image."""
     try:
         meta = json.loads(members["json"][0]) if "json" in members else {}
         key, uid = str(meta.get("key") or key), meta.get("uid")
