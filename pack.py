@@ -474,7 +474,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"pack: {len(sources)} shards, {len(sources) - len(todo)} already done, {workers} workers", file=sys.stderr)
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core per worker: the processes are the parallelism
     t0, samples = time.time(), 0
-    with multiprocessing.Pool(workers) if workers > 1 else nullcontext() as pool:  # one core: in this process
+    with multiprocessing.Pool(workers) if workers > 1 else nullcontext() as pool:  # one worker: this process
         for done, stats in enumerate(pool.imap_unordered(_pack_one, todo) if pool else map(_pack_one, todo), 1):
             samples, dt = samples + stats["samples_in"], time.time() - t0
             print(f"pack: {done}/{len(todo)} shards, {samples / dt:,.0f} samples/s, "
