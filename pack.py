@@ -22,7 +22,7 @@ records are skipped and counted by reason; captions are stripped. --method ffd i
 from __future__ import annotations
 
 import base64
-import binascii
+import functools
 import glob
 import hashlib
 import io
@@ -66,20 +66,16 @@ FORMATS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gi
 
 def expand_braces(pattern: str) -> list[str]:
     """Shell braces, for patterns that were quoted: 'a{08..10}' -> a08 a09 a10, 'x{a,b}' -> xa xb."""
-    m = re.search(r"\{([^{}]*)\}", pattern)
+    m = re.search(r"\{(\d+)\.\.(\d+)\}|\{([^{}]*,[^{}]*)\}", pattern)  # the first range or list; {x} stays {x}
     if not m:
         return [pattern]
-    head, body, tail = pattern[: m.start()], m.group(1), pattern[m.end():]
-    if r := re.fullmatch(r"(\d+)\.\.(\d+)", body):
-        a, b = r.groups()
+    if m[3] is not None:
+        options = m[3].split(",")
+    else:
+        a, b = m.group(1, 2)
         width = max(len(a), len(b)) if any(len(x) > 1 and x[0] == "0" for x in (a, b)) else 0  # as bash pads
-        lo, hi = sorted((int(a), int(b)))
-        options = [str(i).zfill(width) for i in range(lo, hi + 1)]
-    elif "," in body:
-        options = body.split(",")
-    else:  # not a brace expression: literal
-        return [head + "{" + body + "}" + rest for rest in expand_braces(tail)]
-    return [p for o in options for p in expand_braces(head + o + tail)]
+        options = [str(i).zfill(width) for i in range(min(int(a), int(b)), max(int(a), int(b)) + 1)]
+    return [p for o in options for p in expand_braces(pattern[: m.start()] + o + pattern[m.end():])]
 
 
 def resolve_inputs(patterns: list[str]) -> list[str]:
@@ -87,12 +83,8 @@ def resolve_inputs(patterns: list[str]) -> list[str]:
     pattern that matches nothing is an error: a missing shard must not vanish silently from the data."""
     paths = []
     for p in (p for pattern in patterns for p in expand_braces(pattern)):
-        if os.path.isdir(p):
-            found = sorted(glob.glob(os.path.join(glob.escape(p), "*.tar")))
-        elif any(c in p for c in "*?["):
-            found = sorted(glob.glob(p))
-        else:
-            found = [p] if os.path.isfile(p) else []
+        g = os.path.join(glob.escape(p), "*.tar") if os.path.isdir(p) else p
+        found = sorted(glob.glob(g)) if any(c in g for c in "*?[") else [p] if os.path.isfile(p) else []
         if not found:
             raise SystemExit(f"pack: no input shard at {p!r}")
         paths += found
@@ -132,10 +124,8 @@ def read_tar(path: str, offset: int = 0):
                 if kind == b"L":  # GNU: the next member's long name
                     long_name = data.rstrip(b"\0").decode(errors="replace")
                     continue
-                if kind == b"x":  # pax: "LENGTH key=value\n" records for the next member
-                    records = [r.partition(b" ")[2] for r in data.split(b"\n")]
-                    long_name = next((r[5:].decode(errors="replace") for r in records if r.startswith(b"path=")),
-                                     None)
+                if kind == b"x":  # pax: "LENGTH key=value\n" records for the next member, of which path= is its name
+                    long_name = (m := re.search(rb"(?m)^[^ \n]* path=(.*)", data)) and m[1].decode(errors="replace")
                     continue
                 prefix = h[345:500].rstrip(b"\0") + b"/" if h[257:262] == b"ustar" and h[345] else b""
                 name, long_name = long_name or (prefix + h[:100].rstrip(b"\0")).decode(errors="replace"), None
@@ -178,14 +168,9 @@ def check_image(data: bytes) -> tuple[str | None, str | None]:
     except Exception:  # PIL raises many kinds for garbage; they all mean the same here
         return None, "corrupt_image"
     tail = data[-1024:].rstrip(b"\0")  # some writers pad files with zeros
-    if fmt == "PNG":
-        complete = tail[-8:-4] == b"IEND"  # the last chunk: length 0, "IEND", CRC
-    elif fmt == "WEBP":
-        complete = len(data) >= 8 + int.from_bytes(data[4:8], "little")  # the RIFF header holds the file size
-    elif fmt == "GIF":
-        complete = tail[-1:] == b";"  # the trailer byte
-    else:
-        complete = tail[-2:] == b"\xff\xd9"  # JPEG's end-of-image marker
+    complete = {"PNG": tail[-8:-4] == b"IEND",  # the last chunk: length 0, "IEND", CRC
+                "WEBP": len(data) >= 8 + int.from_bytes(data[4:8], "little"),  # the RIFF header holds the file size
+                "GIF": tail[-1:] == b";"}.get(fmt, tail[-2:] == b"\xff\xd9")  # GIF's trailer; JPEG's end of image
     if not complete:
         return None, "corrupt_image"
     if w * h > MAX_IMAGE_PIXELS:  # model.load_image refuses these, so training could not use them
@@ -200,39 +185,30 @@ class Doc:
     key: str
     uid: object  # the json's uid as it is (DataComp: 32 hex digits), or None
     ids: list[int]  # model.py's pre-training format, one IMAGE_ID per image
-    images: list  # per IMAGE_ID: (ext, bytes), or (ext, (offset, size)) in the source tar, read again when written
+    images: list  # per IMAGE_ID: (ext, bytes), or (ext, where in the source tar: a slice), read again when written
 
 
 def read_doc(key: str, members: dict, tok: Tokenizer, counts: Counter) -> Doc | str:
-    """One sample -> a Doc, or the reason it is skipped."""
+    """One sample -> a Doc, or the reason it is skipped. With an OBELICS-style json {"texts": [...], "image_info":
+    [...]} it is an interleaved document: item i is image_info[i]'s base64 image if it has one, else texts[i]. Broken
+    images are left out (dropped_images); left with none, it is skipped for the last one's reason, or missing_image."""
     try:
         meta = json.loads(members["json"][0]) if "json" in members else {}
-    except ValueError:
+        key, uid = str(meta.get("key") or key), meta.get("uid")
+    except (ValueError, AttributeError):  # not json, or json but not an object
         return "bad_json"
-    if not isinstance(meta, dict):
-        return "bad_json"
-    key, uid = str(meta.get("key") or key), meta.get("uid")
-    if "texts" in meta and "image_info" in meta:
-        return read_interleaved(key, uid, meta, tok, counts)
-    image = next((members[e] for e in IMAGE_EXTS if e in members), None)
-    if image is None:
-        return "missing_image"
-    if "txt" not in members:
-        return "missing_caption"
-    try:
-        caption = members["txt"][0].decode("utf-8").strip()
-    except UnicodeDecodeError:
-        return "bad_text"
-    if not caption:
-        return "empty_caption"
-    ext, bad = check_image(image[0])
-    return bad or Doc(key, uid, caption_tokens(tok, caption), [(ext, (image[1], len(image[0])))])
-
-
-def read_interleaved(key: str, uid, meta: dict, tok: Tokenizer, counts: Counter) -> Doc | str:
-    """OBELICS-style {"texts": [...], "image_info": [...]}: position i is an image if image_info[i] holds one (in
-    base64), else the text texts[i]. Broken images are left out and counted as dropped_images; a document left
-    without images is skipped, for the last broken image's reason or as missing_image."""
+    if "texts" not in meta or "image_info" not in meta:  # an image-caption pair
+        image = next((members[e] for e in IMAGE_EXTS if e in members), None)
+        if image is None or "txt" not in members:
+            return "missing_caption" if image else "missing_image"
+        try:
+            caption = members["txt"][0].decode("utf-8").strip()
+        except UnicodeDecodeError:
+            return "bad_text"
+        if not caption:
+            return "empty_caption"
+        ext, bad = check_image(image[0])
+        return bad or Doc(key, uid, caption_tokens(tok, caption), [(ext, slice(image[1], image[1] + len(image[0])))])
     texts, infos = meta["texts"], meta["image_info"]
     if not (isinstance(texts, list) and isinstance(infos, list) and len(texts) == len(infos)):
         return "bad_json"
@@ -241,7 +217,7 @@ def read_interleaved(key: str, uid, meta: dict, tok: Tokenizer, counts: Counter)
         if isinstance(info, dict) and info.get("image_base64"):
             try:
                 data = base64.b64decode(info["image_base64"], validate=True)
-            except (binascii.Error, TypeError, ValueError):
+            except (TypeError, ValueError):  # binascii.Error is a ValueError
                 data = b"?"  # -> corrupt_image
             ext, bad = check_image(data)
             if bad:
@@ -277,20 +253,17 @@ def pack_ffd(lengths: list[int], cap: int) -> list[list[int]]:
     segment tree over the rows holding each subtree's largest free space, so that finding the first row with room
     takes O(log n) instead of a scan over all rows."""
     size = 1 << max(len(lengths) - 1, 0).bit_length()  # leaves: rows, opened left to right
-    free = [cap] * (2 * size)
-    rows: list[list[int]] = []
+    free, rows = [cap] * (2 * size), [[] for _ in range(size)]
     for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
         n = 1
         while n < size:  # descend to the leftmost leaf with room
             n = 2 * n if free[2 * n] >= lengths[i] else 2 * n + 1
-        if n - size == len(rows):
-            rows.append([])
         rows[n - size].append(i)
         free[n] -= lengths[i]
         while n > 1:
             n //= 2
             free[n] = max(free[2 * n], free[2 * n + 1])
-    return rows
+    return [row for row in rows if row]  # the rows opened, which are the first ones
 
 
 def pack_fill(lengths: list[int], cap: int) -> list[list[int]]:
@@ -300,8 +273,7 @@ def pack_fill(lengths: list[int], cap: int) -> list[list[int]]:
     wide, then closes that room with a subset-sum search over all lengths left. Lengths are integers in a narrow
     range, so an exact fit almost always exists, and the scrambled order keeps the lengths left varied to the end.
     On caption shards this gives the fewest rows possible: all full but the last (bench/pack.py)."""
-    n = len(lengths)
-    done = [False] * n
+    n, done = len(lengths), [False] * len(lengths)
     longest = sorted(range(n), key=lambda i: -lengths[i])
     scrambled = sorted(range(n), key=lambda i: -((i * 0x9E3779B1) % 2**32))  # golden-ratio hash order
     by_length: dict[int, list[int]] = {}  # length -> indices, placed ones skipped lazily
@@ -338,8 +310,7 @@ def pack_fill(lengths: list[int], cap: int) -> list[list[int]]:
         rows.append(sorted(row))
         while top < n and done[longest[top]]:
             top += 1
-    ffd = pack_ffd(lengths, cap)  # cheap insurance for length mixes unlike captions: never worse than the paper
-    return ffd if len(ffd) < len(rows) else rows
+    return min(rows, pack_ffd(lengths, cap), key=len)  # insurance for lengths unlike captions: never worse than FFD
 
 
 PACKERS = {"fill": pack_fill, "ffd": pack_ffd}
@@ -367,48 +338,41 @@ def _dump(path: str, obj):
 def pack_shard(src: str, out_dir: str, name: str, cfg: PackConfig, tok: Tokenizer, settings: dict) -> dict:
     """Pack one input shard into out_dir/name.tar, then write out_dir/name.stats.json. Returns the stats."""
     T, C = cfg.image_tokens, cfg.seq_len
-    docs, skipped, counts, samples_in, broken = [], Counter(), Counter(), 0, None
+    samples, counts, broken = [], Counter(), None  # per sample read: its Doc, or the reason it is skipped
     for key, members in read_tar(src):
         if isinstance(members, str):  # the tar broke here
             broken = members
             print(f"pack: {src}: broken tar ({broken}); kept the samples before it", file=sys.stderr)
             if key is None:
                 continue
-        samples_in += 1
         d = "truncated_tar" if broken else read_doc(key, members, tok, counts)
-        if not isinstance(d, str) and len(d.ids) + (T - 1) * len(d.images) > C:
-            if cfg.long == "truncate":
-                d.ids = fit(d.ids, T, C, tok.eos_id)
-                d.images = d.images[: d.ids.count(IMAGE_ID)]
-                counts["truncated_docs"] += bool(d.images)
-            d = d if cfg.long == "truncate" and d.images else "too_long"
-        if isinstance(d, str):
-            skipped[d] += 1
-        else:
-            docs.append(d)
-    assert samples_in == len(docs) + sum(skipped.values()), "a sample was neither packed nor counted"
+        if not isinstance(d, str) and len(d.ids) + (T - 1) * len(d.images) > C:  # truncate, or drop as too_long
+            d.ids = fit(d.ids, T, C, tok.eos_id)
+            d.images = d.images[: d.ids.count(IMAGE_ID)] if cfg.long == "truncate" else []
+            counts["truncated_docs"] += bool(d.images)
+            d = d if d.images else "too_long"
+        samples.append(d)
+    # every sample read is packed or counted as skipped: samples_in == docs_out + sum(skipped), by construction
+    docs, skipped = [d for d in samples if not isinstance(d, str)], Counter(d for d in samples if isinstance(d, str))
 
     lengths = [len(d.ids) + (T - 1) * len(d.images) for d in docs]
     rows = PACKERS[cfg.method](lengths, C)  # rows come out by their longest document: shuffle, by a fixed hash
     rows = [rows[r] for r in sorted(range(len(rows)), key=lambda r: hashlib.sha1(f"{name}/{r}".encode()).digest())]
     path, tmp, offsets = os.path.join(out_dir, name + ".tar"), os.path.join(out_dir, f".{name}.tar.tmp"), []
     with _mapped(src) as source, open(tmp, "wb") as f:
-        for r, row in enumerate(rows):
+        for r, ds in enumerate([docs[i] for i in row] for row in rows):  # ds: the row's documents
             offsets.append(f.tell())
-            meta = {"doc_lengths": [len(docs[i].ids) for i in row], "keys": [docs[i].key for i in row],
-                    "uids": [docs[i].uid for i in row]}
+            meta = {"doc_lengths": [len(d.ids) for d in ds], "keys": [d.key for d in ds], "uids": [d.uid for d in ds]}
             f.write(_member(f"{r:06d}.json", json.dumps(meta).encode()))
-            ids, buf = np.array([t for i in row for t in docs[i].ids], np.int32), io.BytesIO()
+            ids, buf = np.array([t for d in ds for t in d.ids], np.int32), io.BytesIO()
             np.lib.format.write_array(buf, ids, allow_pickle=False)
             f.write(_member(f"{r:06d}.input_ids.npy", buf.getvalue()))
-            for j, (ext, image) in enumerate(im for i in row for im in docs[i].images):
-                if isinstance(image, tuple):  # (offset, size) in the source: copy the original bytes
-                    image = source[image[0]: image[0] + image[1]]
-                f.write(_member(f"{r:06d}.{j:04d}.{ext}", image))
+            for j, (ext, image) in enumerate(im for d in ds for im in d.images):
+                f.write(_member(f"{r:06d}.{j:04d}.{ext}", source[image] if isinstance(image, slice) else image))
         f.write(bytes(1024))  # end of archive
     os.replace(tmp, path)  # atomic; after a crash a torn tar fails the size check against its stats
 
-    stats = {"source": src, "samples_in": samples_in, "docs_out": len(docs), "rows": len(rows),
+    stats = {"source": src, "samples_in": len(samples), "docs_out": len(docs), "rows": len(rows),
              "tokens": sum(lengths), "fill": sum(lengths) / (len(rows) * C) if rows else 0.0,
              "skipped": dict(sorted(skipped.items())), "truncated_docs": counts["truncated_docs"],
              "images": sum(len(d.images) for d in docs), "dropped_images": counts["dropped_images"],
@@ -467,24 +431,13 @@ def read_packed(out_dir: str):
 # ---------------------------------------------------------------------------------------------------------------------
 # Command line: one worker process per shard, progress, totals
 
-_tokenizers = {}  # per process: path -> Tokenizer
-
-
-def _settings(cfg: PackConfig, tok: Tokenizer) -> dict:
-    """What the output depends on besides the input: a rerun must not mix shards packed differently."""
-    path = os.path.join(cfg.tokenizer, "tokenizer.json") if os.path.isdir(cfg.tokenizer) else cfg.tokenizer
-    with open(path, "rb") as f:
-        sha = hashlib.sha256(f.read()).hexdigest()
-    return {"seq_len": cfg.seq_len, "image_tokens": cfg.image_tokens, "method": cfg.method, "long": cfg.long,
-            "vocab_size": len(tok), "tokenizer_sha256": sha}
+_tokenizer = functools.cache(Tokenizer)  # per process: loaded once per path
 
 
 def _pack_one(job):
     src, name, cfg, settings = job
     warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # check_image refuses those images itself
-    if cfg.tokenizer not in _tokenizers:
-        _tokenizers[cfg.tokenizer] = Tokenizer(cfg.tokenizer)
-    return pack_shard(src, cfg.output, name, cfg, _tokenizers[cfg.tokenizer], settings)
+    return pack_shard(src, cfg.output, name, cfg, _tokenizer(cfg.tokenizer), settings)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -502,14 +455,15 @@ def main(argv: list[str] | None = None) -> dict:
     os.makedirs(out, exist_ok=True)
     for p in glob.glob(os.path.join(glob.escape(out), ".*.tmp")):
         os.remove(p)  # left by a killed run
-    settings = _settings(cfg, Tokenizer(cfg.tokenizer))
-    todo = []
-    for src, name in zip(sources, names):
-        stats = _shard_stats(os.path.join(out, name + ".tar"))
-        if stats is not None and any(stats.get(k) != v for k, v in settings.items()):
-            raise SystemExit(f"pack: {out}/{name} was packed with other settings than {settings}; use a new --output")
-        if stats is None:
-            todo.append((src, name, cfg, settings))
+    # what the output depends on besides the input: a rerun must not mix shards packed differently
+    vocab, tok_file = len(Tokenizer(cfg.tokenizer)), os.path.join(cfg.tokenizer, "tokenizer.json")
+    with open(tok_file if os.path.isdir(cfg.tokenizer) else cfg.tokenizer, "rb") as f:
+        settings = {"seq_len": cfg.seq_len, "image_tokens": cfg.image_tokens, "method": cfg.method, "long": cfg.long,
+                    "vocab_size": vocab, "tokenizer_sha256": hashlib.sha256(f.read()).hexdigest()}
+    finished = {n: _shard_stats(os.path.join(out, n + ".tar")) for n in names}  # None: still to do
+    if other := [n for n, s in finished.items() if s is not None and any(s.get(k) != v for k, v in settings.items())]:
+        raise SystemExit(f"pack: {out}/{other[0]} was packed with other settings than {settings}; use a new --output")
+    todo = [(src, name, cfg, settings) for src, name in zip(sources, names) if finished[name] is None]
     if extra := {p for p, _ in packed_shards(out)} - {os.path.join(out, n + ".tar") for n in names}:
         print(f"pack: warning: {len(extra)} finished shards in {out} are not from these inputs; read_packed "
               "reads them too", file=sys.stderr)
@@ -519,16 +473,13 @@ def main(argv: list[str] | None = None) -> dict:
     workers = max(1, min(cfg.workers or len(os.sched_getaffinity(0)), len(todo)))
     print(f"pack: {len(sources)} shards, {len(sources) - len(todo)} already done, {workers} workers", file=sys.stderr)
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core per worker: the processes are the parallelism
-    pool = multiprocessing.Pool(workers) if workers > 1 else None
     t0, samples = time.time(), 0
-    for done, stats in enumerate(pool.imap_unordered(_pack_one, todo) if pool else map(_pack_one, todo), 1):
-        samples, dt = samples + stats["samples_in"], time.time() - t0
-        print(f"pack: {done}/{len(todo)} shards, {samples / dt:,.0f} samples/s, "
-              f"ETA {dt / done * (len(todo) - done) / 60:.1f} min", file=sys.stderr,
-              end="\r" if sys.stderr.isatty() and done < len(todo) else "\n")
-    if pool:
-        pool.close()
-        pool.join()
+    with multiprocessing.Pool(workers) if workers > 1 else nullcontext() as pool:  # one worker: this process
+        for done, stats in enumerate(pool.imap_unordered(_pack_one, todo) if pool else map(_pack_one, todo), 1):
+            samples, dt = samples + stats["samples_in"], time.time() - t0
+            print(f"pack: {done}/{len(todo)} shards, {samples / dt:,.0f} samples/s, "
+                  f"ETA {dt / done * (len(todo) - done) / 60:.1f} min", file=sys.stderr,
+                  end="\r" if sys.stderr.isatty() and done < len(todo) else "\n")
 
     shards = [_shard_stats(os.path.join(out, n + ".tar")) for n in names]
     total = {k: sum(s[k] for s in shards) for k in ("samples_in", "docs_out", "rows", "tokens", "images",

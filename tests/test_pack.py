@@ -383,3 +383,33 @@ def test_inputs_and_names(tmp_path):
     cfg = M.parse_config(pack.PackConfig, ["--input", "a", "b*", "--workers", "2"])
     assert cfg.input == ["a", "b*"] and cfg.workers == 2 and cfg.seq_len == 4096 and cfg.image_tokens == 144
     assert pack.expand_braces("{0..10}")[-2:] == ["9", "10"] and pack.expand_braces("{3..1}") == ["1", "2", "3"]
+
+
+def test_braces_around_literals_and_files_beside_globs(tmp_path):
+    assert pack.expand_braces("{x}{a,b}/{y}{1..2}") == ["{x}a/{y}1", "{x}a/{y}2", "{x}b/{y}1", "{x}b/{y}2"]
+    assert pack.expand_braces("{a,{b,c}}") == ["a", "b", "a", "c"] and pack.expand_braces("{1..2,3}") == ["1..2", "3"]
+    assert pack.expand_braces("{,x}{07..9}") == ["07", "08", "09", "x07", "x08", "x09"]
+    os.makedirs(tmp_path / "d" / "sub.tar")  # a directory's *.tar glob takes what matches, as any glob does
+    for name in ("a.tar", "b.tar"):
+        open(tmp_path / "d" / name, "wb").close()
+    found = pack.resolve_inputs([str(tmp_path / "d"), str(tmp_path / "d" / "a.tar"), str(tmp_path / "d" / "?.tar")])
+    assert found == [str(tmp_path / "d" / n) for n in ("a.tar", "b.tar", "sub.tar")]  # sorted, without duplicates
+    with pytest.raises(SystemExit, match="no input shard"):
+        pack.resolve_inputs([str(tmp_path / "d" / "c.tar")])
+
+
+def test_read_doc_reasons():
+    """Each reason a caption sample is skipped, in the order they are checked."""
+    tok = type("Tok", (), {"bos_id": 1, "eos_id": 2, "encode": lambda self, text: [5] * len(text)})()
+    jpg = image_bytes(8, 8)
+    cases = [({"json": b"[1, 2]", "jpg": jpg, "txt": b"x"}, "bad_json"), ({"json": b"null", "txt": b"x"}, "bad_json"),
+             ({"json": b"{", "jpg": jpg, "txt": b"x"}, "bad_json"), ({"txt": b"x"}, "missing_image"),
+             ({"json": b"{}"}, "missing_image"), ({"png": jpg}, "missing_caption"),
+             ({"jpg": jpg, "txt": b"\xff"}, "bad_text"), ({"jpg": b"", "txt": b" \n "}, "empty_caption"),
+             ({"jpg": jpg[:-2], "txt": b"x"}, "corrupt_image"), ({"jpg": b"", "txt": b"x"}, "empty_image"),
+             ({"json": b'{"texts": [], "image_info": [null]}'}, "bad_json")]
+    for members, reason in cases:
+        assert pack.read_doc("k", {e: (b, 0) for e, b in members.items()}, tok, collections.Counter()) == reason
+    members = {"json": (b'{"key": "K", "uid": 7}', 0), "jpg": (jpg, 1536), "txt": (b" hi ", 0)}
+    doc = pack.read_doc("k", members, tok, collections.Counter())
+    assert (doc.key, doc.uid, doc.ids, [ext for ext, _ in doc.images]) == ("K", 7, [1, M.IMAGE_ID, 5, 5, 5, 2], ["jpg"])
