@@ -19,7 +19,6 @@ generator accepts only scenes of its own partition.
 from __future__ import annotations
 
 import base64
-import csv
 import dataclasses
 import hashlib
 import io
@@ -29,7 +28,6 @@ import os
 import random
 import shutil
 import sys
-import tarfile
 import time
 import zlib
 from collections import Counter
@@ -365,12 +363,10 @@ def conversation(rng, scene):
 QWEN_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"""
                 r"""\s*[\r\n]+|\s+(?!\S)|\s+""")
 # Qwen2.5's 22 added tokens in id order (151643..151664) with Qwen's own "special" flags, then the paper's two.
-QWEN_ADDED = [(t, True) for t in ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>",
-                                  "<|object_ref_end|>", "<|box_start|>", "<|box_end|>", "<|quad_start|>",
-                                  "<|quad_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
-                                  "<|image_pad|>", "<|video_pad|>")] + \
-             [(t, False) for t in ("<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>",
-                                   "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>")]
+QWEN_ADDED = [(t, True) for t in "<|endoftext|> <|im_start|> <|im_end|> <|object_ref_start|> <|object_ref_end|> "
+              "<|box_start|> <|box_end|> <|quad_start|> <|quad_end|> <|vision_start|> <|vision_end|> <|vision_pad|> "
+              "<|image_pad|> <|video_pad|>".split()] + [(t, False) for t in "<tool_call> </tool_call> <|fim_prefix|> "
+              "<|fim_middle|> <|fim_suffix|> <|fim_pad|> <|repo_name|> <|file_sep|>".split()]
 PAPER_ADDED = ["<|endofchunk|>", "<s>"]
 
 
@@ -389,9 +385,8 @@ def train_tokenizer(texts, vocab_size):
     tok.train_from_iterator(texts, tk.trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, special_tokens=[],
                                                           initial_alphabet=pre.ByteLevel.alphabet(),
                                                           show_progress=False))
-    for t, special in QWEN_ADDED:  # one at a time, so that ids follow this order exactly
-        (tok.add_special_tokens if special else tok.add_tokens)([tk.AddedToken(t, special=special, normalized=False)])
-    tok.add_special_tokens([tk.AddedToken(t, special=True, normalized=False) for t in PAPER_ADDED])
+    tok.add_tokens([tk.AddedToken(t, special=special, normalized=False)  # ids in list order
+                    for t, special in QWEN_ADDED + [(t, True) for t in PAPER_ADDED]])
     return tok
 
 
@@ -402,17 +397,6 @@ def train_tokenizer(texts, vocab_size):
 def _put(root, name, data):
     with open(os.path.join(root, name), "wb" if isinstance(data, bytes) else "w") as f:
         f.write(data)
-
-
-def tar_bytes(members):
-    """A tar with fixed metadata (mtime 0, owner 0, mode 0644), so that the same members give the same bytes."""
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for name, data in members:
-            ti = tarfile.TarInfo(name)
-            ti.size, ti.mtime, ti.mode, ti.uid, ti.gid, ti.uname, ti.gname = len(data), 0, 0o644, 0, 0, "", ""
-            tar.addfile(ti, io.BytesIO(data))
-    return buf.getvalue()
 
 
 def pool_noise(seed, n_pool, wrong_share):
@@ -444,6 +428,8 @@ def pool_record(seed, i, broken_kind=None, wrong=False):
 
 
 def _write_pool(root, cfg, man):
+    from pack import _member  # the packer's tar member: fixed metadata (mtime 0, owner 0), so same members, same bytes
+
     seed, n, size, shard_size = cfg["seed"], cfg["n_pool"], cfg["image_size"], cfg["shard_size"]
     broken, wrong = pool_noise(seed, n, cfg["wrong_share"])
     width = max(4, len(str(shard_size - 1)))  # img2dataset's keys: 5-digit shard number + index in the shard
@@ -471,7 +457,7 @@ def _write_pool(root, cfg, man):
             texts.append(cap)
         if i % shard_size == shard_size - 1 or i == n - 1:
             name = f"pool/{i // shard_size:06d}.tar"
-            _put(root, name, tar_bytes(members))
+            _put(root, name, b"".join(_member(*m) for m in members) + bytes(1024))  # 2 zero blocks end a tar
             man["files"][name], members = {"samples": i % shard_size + 1}, []
     return texts
 
@@ -527,10 +513,9 @@ def _write_eval(root, cfg, man):
         img = base64.b64encode(encode(render(scene, size))).decode()
         rows += [[g + k * 1_000_000, got[0], "", *opts[k:], *opts[:k], *[""] * (4 - len(opts)),
                   LETTERS[(LETTERS.index(letter) - k) % len(opts)], cat, img, "dev"] for k in range(len(opts))]
-    tsv = io.StringIO()  # the originals first, then each rotation, as MMBench orders them
-    csv.writer(tsv, delimiter="\t", lineterminator="\n").writerows(
-        [["index", "question", "hint", "A", "B", "C", "D", "answer", "category", "image", "split"]] + sorted(rows))
-    _put(root, "eval/mmbench.tsv", tsv.getvalue())
+    header = ["index", "question", "hint", "A", "B", "C", "D", "answer", "category", "image", "split"]
+    # the originals first, then each rotation, as MMBench orders them; no field holds a tab, newline or quote
+    _put(root, "eval/mmbench.tsv", "".join("\t".join(map(str, r)) + "\n" for r in [header] + sorted(rows)))
     man["files"]["eval/mmbench.tsv"] = {"questions": n, "rows": len(rows)}
 
     # POPE jsonl: per image, a yes and a no question for each of POPE's three ways to pick absent objects. Toy
