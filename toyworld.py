@@ -34,6 +34,9 @@ from collections import Counter
 
 from PIL import Image, ImageDraw, ImageFont
 
+from model import SYSTEM_PROMPT, Tokenizer, parse_config
+from pack import _member  # the packer's tar member: fixed metadata (mtime 0, owner 0), so same members, same bytes
+
 
 @dataclasses.dataclass
 class Config:
@@ -204,10 +207,6 @@ def _pl(word, n):
     return word if n == 1 else word + "s"
 
 
-def _gp(c, s, n, digits=False):  # "a red star", "two red stars", "2 red stars"
-    return f"{n if digits else _a(c) if n == 1 else NUM[n]} {c} {_pl(s, n)}"
-
-
 def _text_phrase(scene):
     w = scene["text"][0]
     return f"the number {w}" if w.isdigit() else f'the word "{w}"'
@@ -233,7 +232,7 @@ def caption(rng, scene):
     """A web-style caption, from alt-text fragments ('two red stars') to long descriptions. Every form names all
     colours, shapes and counts, and most name the word, so that a caption is informative of its image."""
     gs, bg, t = groups(scene), scene["bg"], scene["text"]
-    g, total = _join([_gp(c, s, n) for c, s, n in gs]), len(scene["objects"])
+    g, total = _join([f"{_a(c) if n == 1 else NUM[n]} {c} {_pl(s, n)}" for c, s, n in gs]), len(scene["objects"])
     wt = f" and {_text_phrase(scene)}" if t else ""
     k = rng.choices(range(8), (12, 12, 10, 10, 10, 8, 8, 30))[0]
     if k == 0:
@@ -249,7 +248,8 @@ def caption(rng, scene):
             if t else ""
         return _cap(f"{g} {'is' if total == 1 else 'are'} drawn on a plain {bg} background.") + tail
     if k == 3:
-        return ", ".join(_gp(c, s, n, True) for c, s, n in gs) + f" | {bg} background" + (f" | text: {t[0]}" if t else "")
+        return ", ".join(f"{n} {c} {_pl(s, n)}" for c, s, n in gs) + f" | {bg} background" + \
+            (f" | text: {t[0]}" if t else "")
     if k == 4:
         return f"There {'is' if gs[0][2] == 1 else 'are'} {g} on a {bg} background{wt}."
     if k == 5 and t:
@@ -367,7 +367,7 @@ QWEN_ADDED = [(t, True) for t in "<|endoftext|> <|im_start|> <|im_end|> <|object
               "<|box_start|> <|box_end|> <|quad_start|> <|quad_end|> <|vision_start|> <|vision_end|> <|vision_pad|> "
               "<|image_pad|> <|video_pad|>".split()] + [(t, False) for t in "<tool_call> </tool_call> <|fim_prefix|> "
               "<|fim_middle|> <|fim_suffix|> <|fim_pad|> <|repo_name|> <|file_sep|>".split()]
-PAPER_ADDED = ["<|endofchunk|>", "<s>"]
+PAPER_ADDED = Tokenizer.ADDED  # <|endofchunk|> and <s>, as model.Tokenizer expects them
 
 
 def train_tokenizer(texts, vocab_size):
@@ -428,8 +428,6 @@ def pool_record(seed, i, broken_kind=None, wrong=False):
 
 
 def _write_pool(root, cfg, man):
-    from pack import _member  # the packer's tar member: fixed metadata (mtime 0, owner 0), so same members, same bytes
-
     seed, n, size, shard_size = cfg["seed"], cfg["n_pool"], cfg["image_size"], cfg["shard_size"]
     broken, wrong = pool_noise(seed, n, cfg["wrong_share"])
     width = max(4, len(str(shard_size - 1)))  # img2dataset's keys: 5-digit shard number + index in the shard
@@ -599,7 +597,7 @@ def build(out_dir, **settings) -> dict:
                "scenes": {"pool": {}, "sft": {}, "eval": {}}}
         texts = _write_pool(tmp, cfg, man) + _write_sft(tmp, cfg, man)
         _write_eval(tmp, cfg, man)  # eval text does not train the tokenizer either
-        tok = train_tokenizer(texts + ["system\nYou are a helpful assistant.\nuser\nassistant\n"], VOCAB_SIZE)
+        tok = train_tokenizer(texts + [f"system\n{SYSTEM_PROMPT}\nuser\nassistant\n"], VOCAB_SIZE)
         tok.save(os.path.join(tmp, "tokenizer.json"))
         man["files"]["tokenizer.json"] = {"vocab_size": tok.get_vocab_size(with_added_tokens=True),
                                           "bpe_vocab_size": tok.get_vocab_size(with_added_tokens=False)}
@@ -640,8 +638,6 @@ def write_samples(out, seed=0, image_size=64, n_pool=20000, wrong_share=0.1):
 
 
 def main():
-    from model import parse_config
-
     cfg = parse_config(Config)
     if cfg.samples:
         return write_samples(cfg.samples, cfg.seed, cfg.image_size, cfg.n_pool, cfg.wrong_share)
