@@ -54,7 +54,7 @@ class Config:
 
 
 DEFAULTS = {k: v for k, v in dataclasses.asdict(Config()).items() if k not in ("out", "samples")}  # build()'s settings
-VERSION = 1  # bump when the output changes, so that ensure() rebuilds stale caches
+VERSION = 2  # bump when the output changes, so that ensure() rebuilds stale caches
 VOCAB_SIZE = 3000  # BPE target; the toy language saturates below it (~1.8k merges and bytes)
 BROKEN_KINDS = ("truncated_jpeg", "zero_byte_image", "empty_caption", "missing_txt", "huge_caption", "cmyk_jpeg",
                 "png_alpha")
@@ -260,6 +260,7 @@ def caption(rng, scene):
 
 
 QA_KINDS = ("color", "shape", "count", "total", "position", "side", "text", "exist", "background")
+LETTERS = "ABCD"  # multiple-choice options
 
 
 def qa(rng, scene, kind):
@@ -308,9 +309,6 @@ def qa(rng, scene, kind):
         bg = scene["bg"]
         return "What color is the background?", bg, f"The background is {bg}.", [x for x in BACKGROUNDS if x != bg]
     return None
-
-
-LETTERS = "ABCD"
 
 
 def multiple_choice(rng, answer, others):
@@ -643,11 +641,10 @@ def main():
         return write_samples(cfg.samples, cfg.seed, cfg.image_size, cfg.n_pool, cfg.wrong_share)
     t0, out = time.time(), cfg.out or default_root()
     man = build(out, **{k: getattr(cfg, k) for k in DEFAULTS})
-    p = man["pool"]
+    p, vocab = man["pool"], man["files"]["tokenizer.json"]["vocab_size"]
     print(f"toyworld: wrote {out} in {time.time() - t0:.1f}s: {p['samples']} pool pairs in {p['shards']} shards "
           f"({len(p['wrong_caption'])} wrong captions, {sum(map(len, p['broken'].values()))} broken records), "
-          f"{cfg.n_sft} SFT conversations, {cfg.n_eval} questions per eval set, "
-          f"vocab {man['files']['tokenizer.json']['vocab_size']}")
+          f"{cfg.n_sft} SFT conversations, {cfg.n_eval} questions per eval set, vocab {vocab}")
 
 
 if __name__ == "__main__":
