@@ -19,7 +19,6 @@ generator accepts only scenes of its own partition.
 from __future__ import annotations
 
 import base64
-import csv
 import dataclasses
 import hashlib
 import io
@@ -29,14 +28,33 @@ import os
 import random
 import shutil
 import sys
-import tarfile
 import time
 import zlib
+from collections import Counter
 
 from PIL import Image, ImageDraw, ImageFont
 
-VERSION = 1  # bump when the output changes, so that ensure() rebuilds stale caches
-DEFAULTS = dict(seed=0, n_pool=20000, n_sft=10000, n_eval=1000, image_size=64, wrong_share=0.1, shard_size=2500)
+from model import SYSTEM_PROMPT, Tokenizer, parse_config
+from pack import _member  # the packer's tar member: fixed metadata (mtime 0, owner 0), so same members, same bytes
+
+
+@dataclasses.dataclass
+class Config:
+    """python toyworld.py [--out DIR] [--seed N] [--n-pool N] [--n-sft N] [--n-eval N] [--image-size PX]
+    [--wrong-share F] [--shard-size N] [--samples DIR]"""
+    out: str = ""  # the world dir; empty: cache/toyworld next to this file
+    seed: int = 0
+    n_pool: int = 20000  # pre-training pairs
+    n_sft: int = 10000  # SFT conversations
+    n_eval: int = 1000  # questions in each evaluation set
+    image_size: int = 64  # pixels a side; 384 is the paper's
+    wrong_share: float = 0.1  # the share of pool pairs that carry the caption of another scene
+    shard_size: int = 2500  # pool pairs per tar shard
+    samples: str = ""  # instead of building: write two sample pool images (PNG) into this dir, print their captions
+
+
+DEFAULTS = {k: v for k, v in dataclasses.asdict(Config()).items() if k not in ("out", "samples")}  # build()'s settings
+VERSION = 2  # bump when the output changes, so that ensure() rebuilds stale caches
 VOCAB_SIZE = 3000  # BPE target; the toy language saturates below it (~1.8k merges and bytes)
 BROKEN_KINDS = ("truncated_jpeg", "zero_byte_image", "empty_caption", "missing_txt", "huge_caption", "cmyk_jpeg",
                 "png_alpha")
@@ -97,10 +115,7 @@ POLYGONS = {"square": [(-.85, -.85), (.85, -.85), (.85, .85), (-.85, .85)],
 
 def groups(scene):
     """[(colour, shape, count)] in order of first appearance."""
-    counts = {}
-    for c, s, *_ in scene["objects"]:
-        counts[(c, s)] = counts.get((c, s), 0) + 1
-    return [(c, s, n) for (c, s), n in counts.items()]
+    return [(c, s, n) for (c, s), n in Counter((o[0], o[1]) for o in scene["objects"]).items()]
 
 
 def signature(scene) -> str:
@@ -192,10 +207,6 @@ def _pl(word, n):
     return word if n == 1 else word + "s"
 
 
-def _gp(c, s, n, digits=False):  # "a red star", "two red stars", "2 red stars"
-    return f"{n if digits else _a(c) if n == 1 else NUM[n]} {c} {_pl(s, n)}"
-
-
 def _text_phrase(scene):
     w = scene["text"][0]
     return f"the number {w}" if w.isdigit() else f'the word "{w}"'
@@ -221,7 +232,7 @@ def caption(rng, scene):
     """A web-style caption, from alt-text fragments ('two red stars') to long descriptions. Every form names all
     colours, shapes and counts, and most name the word, so that a caption is informative of its image."""
     gs, bg, t = groups(scene), scene["bg"], scene["text"]
-    g, total = _join([_gp(c, s, n) for c, s, n in gs]), len(scene["objects"])
+    g, total = _join([f"{_a(c) if n == 1 else NUM[n]} {c} {_pl(s, n)}" for c, s, n in gs]), len(scene["objects"])
     wt = f" and {_text_phrase(scene)}" if t else ""
     k = rng.choices(range(8), (12, 12, 10, 10, 10, 8, 8, 30))[0]
     if k == 0:
@@ -237,7 +248,8 @@ def caption(rng, scene):
             if t else ""
         return _cap(f"{g} {'is' if total == 1 else 'are'} drawn on a plain {bg} background.") + tail
     if k == 3:
-        return ", ".join(_gp(c, s, n, True) for c, s, n in gs) + f" | {bg} background" + (f" | text: {t[0]}" if t else "")
+        return ", ".join(f"{n} {c} {_pl(s, n)}" for c, s, n in gs) + f" | {bg} background" + \
+            (f" | text: {t[0]}" if t else "")
     if k == 4:
         return f"There {'is' if gs[0][2] == 1 else 'are'} {g} on a {bg} background{wt}."
     if k == 5 and t:
@@ -247,59 +259,46 @@ def caption(rng, scene):
     return long_caption(rng, scene)
 
 
-def huge_caption(rng, scene):
-    """Several thousand tokens (web pages sometimes paste a whole article): over 5000 words, hence over 5000 tokens
-    under a Qwen-style pre-tokenizer, which never joins two words into one token."""
-    parts = [long_caption(rng, scene)]
-    while sum(len(p.split()) for p in parts) < 5000:
-        parts.append(long_caption(rng, scene))
-    return " ".join(parts)
-
-
 QA_KINDS = ("color", "shape", "count", "total", "position", "side", "text", "exist", "background")
+LETTERS = "ABCD"  # multiple-choice options
 
 
 def qa(rng, scene, kind):
     """One question about the scene: (question, short answer, sentence answer, wrong options for multiple choice),
     or None when this scene cannot answer this kind of question unambiguously."""
-    gs = groups(scene)
+    gs, t = groups(scene), scene["text"]
+    key = 1 if kind == "color" else 0  # "color" asks about a shape drawn in one colour only, "shape" the reverse
+    unique = [g for g in gs if sum(h[key] == g[key] for h in gs) == 1]
     singles = [o for o in scene["objects"] if (o[0], o[1], 1) in gs]  # objects alone of their kind
-    if kind in ("color", "shape"):  # the colour of a shape drawn in one colour only, or the reverse
-        key = 1 if kind == "color" else 0
-        ok = [g for g in gs if sum(h[key] == g[key] for h in gs) == 1]
-        if not ok:
-            return None
-        c, s, n = rng.choice(ok)
-        if kind == "color":
-            return (f"What color {'is' if n == 1 else 'are'} the {_pl(s, n)}?", c,
-                    f"The {s} is {c}." if n == 1 else f"They are {c}.", [x for x in COLORS if x != c])
+    sides = [o for o in singles if o[2].endswith(("left", "right"))]
+    if kind == "color" and unique:
+        c, s, n = rng.choice(unique)
+        return (f"What color {'is' if n == 1 else 'are'} the {_pl(s, n)}?", c,
+                f"The {s} is {c}." if n == 1 else f"They are {c}.", [x for x in COLORS if x != c])
+    if kind == "shape" and unique:
+        c, s, n = rng.choice(unique)
         return (f"What shape {'is' if n == 1 else 'are'} the {c} {_pl('object', n)}?", s,
                 f"It is {_a(s)} {s}." if n == 1 else f"They are {s}s.", [x for x in SHAPES if x != s])
     if kind in ("count", "total"):
         c, s, n = rng.choice(gs) if kind == "count" else ("", "shape", len(scene["objects"]))
-        what = f"{c} {s}s" if c else "shapes"
-        return (f"How many {what} are there{'' if c else ' in the image'}?", str(n),
+        return (f"How many {f'{c} {s}s' if c else 'shapes'} are there{'' if c else ' in the image'}?", str(n),
                 f"There {'is' if n == 1 else 'are'} {NUM[n]} {c + ' ' if c else ''}{_pl(s, n)}.",
                 [str(k) for k in range(max(1, n - 3), max(5, n + 4)) if k != n])
     if kind == "position" and singles:
         c, s, pos = rng.choice(singles)[:3]
         return f"Where is the {c} {s}?", pos, f"It is {POS_PHRASE[pos]}.", [p for p in POSITIONS if p != pos]
-    if kind == "side":  # two options only, as some MMBench questions have
-        ok = [o for o in singles if o[2].endswith(("left", "right"))]
-        if not ok:
-            return None
-        c, s, pos = rng.choice(ok)[:3]
+    if kind == "side" and sides:  # two options only, as some MMBench questions have
+        c, s, pos = rng.choice(sides)[:3]
         side, other = ("left", "right") if pos.endswith("left") else ("right", "left")
         return (f"Is the {c} {s} on the left or on the right side of the image?", side,
                 f"It is on the {side} side.", [other])
-    if kind == "text" and scene["text"]:
-        w = scene["text"][0]
-        if w.isdigit():
-            return ("What number is written in the image?", w, f"The number {w} is written in the image.",
-                    [str(k) for k in rng.sample(range(1000), 4) if str(k) != w][:3])
-        case = str.upper if w.isupper() else str.lower  # distractors in the answer's case, or case gives it away
+    if kind == "text" and t and t[0].isdigit():
+        return ("What number is written in the image?", t[0], f"The number {t[0]} is written in the image.",
+                [str(k) for k in rng.sample(range(1000), 4) if str(k) != t[0]][:3])
+    if kind == "text" and t:
+        case = str.upper if t[0].isupper() else str.lower  # distractors in the answer's case, or case gives it away
         q = rng.choice(("What word is written in the image?", "What does the text say?", "What is written here?"))
-        return q, w, f'It says "{w}".', [case(x) for x in WORDS if x != w.lower()]
+        return q, t[0], f'It says "{t[0]}".', [case(x) for x in WORDS if x != t[0].lower()]
     if kind == "exist":  # balanced yes/no, as POPE asks
         present = [g[:2] for g in gs]
         yes = rng.random() < 0.5
@@ -312,10 +311,6 @@ def qa(rng, scene, kind):
     return None
 
 
-SHORT = "\nAnswer the question using a single word or phrase."
-LETTERS = "ABCD"
-
-
 def multiple_choice(rng, answer, others):
     """MMBench-style options: the answer and up to three distractors, shuffled. Returns (options, answer letter)."""
     opts = [answer] + rng.sample(others, min(3, len(others)))
@@ -325,7 +320,18 @@ def multiple_choice(rng, answer, others):
 
 def conversation(rng, scene):
     """1-4 (question, answer) turns about one image: descriptions, and questions answered in one of three styles:
-    a sentence, a single word or phrase (as VQA evals ask), or an option letter (as MMBench asks)."""
+    a sentence, a single word or phrase (as VQA evals ask), or an option letter (as MMBench asks). Without a scene:
+    one of the few text-only conversations that LLaVA-665k has, small facts about the world's vocabulary."""
+    if scene is None:
+        k = rng.randrange(3)
+        if k == 0:
+            s, n = rng.choice((("triangle", 3), ("square", 4), ("diamond", 4), ("star", 5)))
+            return [(f"How many points does {_a(s)} {s} have?", f"{_cap(_a(s))} {s} has {NUM[n]} points.")]
+        if k == 1:
+            a, b = rng.randrange(10), rng.randrange(10)
+            return [(f"What is {a} plus {b}?", str(a + b))]
+        w = rng.choice(WORDS)
+        return [(f'Spell the word "{w}".', "-".join(w.upper())), ("How many letters does it have?", _cap(NUM[len(w)]))]
     turns = []
     for t in range(rng.choices((1, 2, 3, 4), (50, 25, 15, 10))[0]):
         if t == 0 and rng.random() < 0.2:
@@ -344,21 +350,9 @@ def conversation(rng, scene):
             turns.append((q + "".join(f"\n{LETTERS[k]}. {o}" for k, o in enumerate(opts)) +
                           "\nAnswer with the option's letter from the given choices directly.", letter))
         else:
-            turns.append((q + SHORT, short) if style == "short" else (q, sentence))
+            turns.append((q + "\nAnswer the question using a single word or phrase.", short) if style == "short"
+                         else (q, sentence))
     return turns
-
-
-def text_only_conversation(rng):
-    """A few conversations without an image, as LLaVA-665k has: small facts about the world's vocabulary."""
-    k = rng.randrange(3)
-    if k == 0:
-        s, n = rng.choice((("triangle", 3), ("square", 4), ("diamond", 4), ("star", 5)))
-        return [(f"How many points does {_a(s)} {s} have?", f"{_cap(_a(s))} {s} has {NUM[n]} points.")]
-    if k == 1:
-        a, b = rng.randrange(10), rng.randrange(10)
-        return [(f"What is {a} plus {b}?", str(a + b))]
-    w = rng.choice(WORDS)
-    return [(f'Spell the word "{w}".', "-".join(w.upper())), ("How many letters does it have?", _cap(NUM[len(w)]))]
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -367,13 +361,11 @@ def text_only_conversation(rng):
 QWEN_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"""
                 r"""\s*[\r\n]+|\s+(?!\S)|\s+""")
 # Qwen2.5's 22 added tokens in id order (151643..151664) with Qwen's own "special" flags, then the paper's two.
-QWEN_ADDED = [(t, True) for t in ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>",
-                                  "<|object_ref_end|>", "<|box_start|>", "<|box_end|>", "<|quad_start|>",
-                                  "<|quad_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
-                                  "<|image_pad|>", "<|video_pad|>")] + \
-             [(t, False) for t in ("<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>",
-                                   "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>")]
-PAPER_ADDED = ["<|endofchunk|>", "<s>"]
+QWEN_ADDED = [(t, True) for t in "<|endoftext|> <|im_start|> <|im_end|> <|object_ref_start|> <|object_ref_end|> "
+              "<|box_start|> <|box_end|> <|quad_start|> <|quad_end|> <|vision_start|> <|vision_end|> <|vision_pad|> "
+              "<|image_pad|> <|video_pad|>".split()] + [(t, False) for t in "<tool_call> </tool_call> <|fim_prefix|> "
+              "<|fim_middle|> <|fim_suffix|> <|fim_pad|> <|repo_name|> <|file_sep|>".split()]
+PAPER_ADDED = Tokenizer.ADDED  # <|endofchunk|> and <s>, as model.Tokenizer expects them
 
 
 def train_tokenizer(texts, vocab_size):
@@ -391,23 +383,18 @@ def train_tokenizer(texts, vocab_size):
     tok.train_from_iterator(texts, tk.trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, special_tokens=[],
                                                           initial_alphabet=pre.ByteLevel.alphabet(),
                                                           show_progress=False))
-    for t, special in QWEN_ADDED:  # one at a time, so that ids follow this order exactly
-        (tok.add_special_tokens if special else tok.add_tokens)([tk.AddedToken(t, special=special, normalized=False)])
-    tok.add_special_tokens([tk.AddedToken(t, special=True, normalized=False) for t in PAPER_ADDED])
+    tok.add_tokens([tk.AddedToken(t, special=special, normalized=False)  # ids in list order
+                    for t, special in QWEN_ADDED + [(t, True) for t in PAPER_ADDED]])
     return tok
 
 
 # -----------------------------------------------------------------------------------------------------------------
-# Writers
+# Writers. Each one writes its part of the world under `root`, and adds its counts and scenes to the manifest.
 
 
-def write_tar(path, members):
-    """A tar with fixed metadata (mtime 0, owner 0, mode 0644), so that the same members give the same bytes."""
-    with open(path, "wb") as f, tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for name, data in members:
-            ti = tarfile.TarInfo(name)
-            ti.size, ti.mtime, ti.mode, ti.uid, ti.gid, ti.uname, ti.gname = len(data), 0, 0o644, 0, 0, "", ""
-            tar.addfile(ti, io.BytesIO(data))
+def _put(root, name, data):
+    with open(os.path.join(root, name), "wb" if isinstance(data, bytes) else "w") as f:
+        f.write(data)
 
 
 def pool_noise(seed, n_pool, wrong_share):
@@ -430,30 +417,20 @@ def pool_record(seed, i, broken_kind=None, wrong=False):
         kinds, other = {g[:2] for g in groups(scene)}, sample_scene(rng, "train")
         while kinds & {g[:2] for g in groups(other)}:
             other = sample_scene(rng, "train")
-        return scene, caption(rng, other)
-    if broken_kind == "huge_caption":
-        return scene, huge_caption(rng, scene)
+        cap = caption(rng, other)
+    elif broken_kind == "huge_caption":  # a web page that pastes a whole article: over 5000 words, hence over 5000
+        cap = long_caption(rng, scene)  # tokens under a Qwen-style pre-tokenizer, which never joins two words
+        while len(cap.split()) < 5000:
+            cap += " " + long_caption(rng, scene)
     return scene, "" if broken_kind == "empty_caption" else cap
-
-
-def image_member(img, kind=None):
-    """The image bytes of a pool record: a JPEG, or the broken variant that `kind` names."""
-    if kind == "png_alpha":  # a .png member instead of .jpg, with a transparent background
-        return encode(img, "PNG")
-    if kind == "zero_byte_image":
-        return b""
-    if kind == "cmyk_jpeg":
-        return encode(img.convert("CMYK"))
-    data = encode(img)
-    return data[:len(data) // 2] if kind == "truncated_jpeg" else data  # truncated: the header parses, decode fails
 
 
 def _write_pool(root, cfg, man):
     seed, n, size, shard_size = cfg["seed"], cfg["n_pool"], cfg["image_size"], cfg["shard_size"]
     broken, wrong = pool_noise(seed, n, cfg["wrong_share"])
-    os.makedirs(os.path.join(root, "pool"))
     width = max(4, len(str(shard_size - 1)))  # img2dataset's keys: 5-digit shard number + index in the shard
-    truth = man["pool"] = {"samples": n, "shards": 0, "wrong_caption": [], "broken": {k: [] for k in BROKEN_KINDS}}
+    truth = man["pool"] = {"samples": n, "shards": -(-n // shard_size), "wrong_caption": [],
+                           "broken": {k: [] for k in BROKEN_KINDS}}
     texts, members = [], []
     for i in range(n):
         kind = broken.get(i)
@@ -462,7 +439,10 @@ def _write_pool(root, cfg, man):
         man["scenes"]["pool"][key] = scene
         if kind or i in wrong:
             (truth["broken"][kind] if kind else truth["wrong_caption"]).append(key)
-        data = image_member(render(scene, size, rgba=kind == "png_alpha"), kind)
+        # the image: a JPEG, or the broken variant that `kind` names (a truncated JPEG's header still parses)
+        img = render(scene, size, rgba=kind == "png_alpha")
+        data = encode(img.convert("CMYK") if kind == "cmyk_jpeg" else img, "PNG" if kind == "png_alpha" else "JPEG")
+        data = b"" if kind == "zero_byte_image" else data[:len(data) // 2] if kind == "truncated_jpeg" else data
         uid = hashlib.md5(f"toyworld:{seed}:{key}".encode()).hexdigest()  # 128-bit hex, like DataComp's uid
         members += [(f"{key}.{'png' if kind == 'png_alpha' else 'jpg'}", data),
                     (f"{key}.json", json.dumps({"key": key, "uid": uid, "status": "success", "width": size,
@@ -473,27 +453,22 @@ def _write_pool(root, cfg, man):
             texts.append(cap)
         if i % shard_size == shard_size - 1 or i == n - 1:
             name = f"pool/{i // shard_size:06d}.tar"
-            write_tar(os.path.join(root, name), members)
-            man["files"][name] = {"samples": i % shard_size + 1}
-            truth["shards"], members = truth["shards"] + 1, []
+            _put(root, name, b"".join(_member(*m) for m in members) + bytes(1024))  # 2 zero blocks end a tar
+            man["files"][name], members = {"samples": i % shard_size + 1}, []
     return texts
 
 
 def _write_sft(root, cfg, man):
     seed, n, size = cfg["seed"], cfg["n_sft"], cfg["image_size"]
-    os.makedirs(os.path.join(root, "sft", "images"))
     text_only = set(random.Random(f"{seed}:sft:text-only").sample(range(n), max(1, round(0.02 * n)) if n else 0))
-    convs, texts, multi = [], [], 0
+    convs, texts = [], []
     for i in range(n):
         rng, cid = random.Random(f"{seed}:sft:{i}"), f"{i:06d}"
-        if i in text_only:
-            turns, image = text_only_conversation(rng), None
-        else:
-            scene = man["scenes"]["sft"][cid] = sample_scene(rng, "train")
-            turns, image = conversation(rng, scene), f"images/{cid}.jpg"
-            with open(os.path.join(root, "sft", image), "wb") as f:
-                f.write(encode(render(scene, size)))
-        multi += len(turns) > 1
+        scene = None if i in text_only else sample_scene(rng, "train")
+        turns, image = conversation(rng, scene), f"images/{cid}.jpg" if scene else None
+        if scene:
+            man["scenes"]["sft"][cid] = scene
+            _put(root, f"sft/{image}", encode(render(scene, size)))
         conv = []
         for k, (q, a) in enumerate(turns):
             if k == 0 and image:  # LLaVA data puts the image before or after the first question
@@ -501,10 +476,9 @@ def _write_sft(root, cfg, man):
             conv += [{"from": "human", "value": q}, {"from": "gpt", "value": a}]
             texts += [q.replace("<image>", ""), a]
         convs.append({"id": cid, **({"image": image} if image else {}), "conversations": conv})
-    with open(os.path.join(root, "sft", "sft.json"), "w") as f:  # one conversation per line: valid JSON, greppable
-        f.write("[\n" + ",\n".join(json.dumps(c) for c in convs) + "\n]\n")
+    _put(root, "sft/sft.json", "[\n" + ",\n".join(json.dumps(c) for c in convs) + "\n]\n")  # a conversation a line
     man["files"]["sft/sft.json"] = {"conversations": n, "with_image": n - len(text_only), "text_only": len(text_only),
-                                    "multi_turn": multi}
+                                    "multi_turn": sum(len(c["conversations"]) > 2 for c in convs)}
     man["files"]["sft/images"] = {"files": n - len(text_only)}
     return texts
 
@@ -516,35 +490,28 @@ MMBENCH = {"color_recognition": "color", "shape_recognition": "shape", "object_c
 def _write_eval(root, cfg, man):
     """Eval sets, each on its own scenes from the held-out partition."""
     seed, n, size, scenes = cfg["seed"], cfg["n_eval"], cfg["image_size"], man["scenes"]["eval"]
-    os.makedirs(os.path.join(root, "eval", "images"))
 
     def save(name, scene):
         scenes[name] = scene
-        with open(os.path.join(root, "eval", "images", name + ".jpg"), "wb") as f:
-            f.write(encode(render(scene, size)))
+        _put(root, f"eval/images/{name}.jpg", encode(render(scene, size)))
         return f"images/{name}.jpg"
 
     # MMBench TSV: index, question, hint, A-D, answer, category, image (base64 JPEG), split. Circular evaluation as in
     # MMBench's own TSVs: the copy of question g with its options rotated k places has index g + k * 1_000_000.
     rng, rows = random.Random(f"{seed}:eval:mmbench"), []
     for g in range(n):
-        cat = list(MMBENCH)[g % len(MMBENCH)]
-        got = None
+        cat, got = list(MMBENCH)[g % len(MMBENCH)], None
         while got is None:
             scene = sample_scene(rng, "eval", text=True if cat == "ocr" else None)
             got = qa(rng, scene, MMBENCH[cat])
         scenes[f"mmbench/{g}"] = scene
         opts, letter = multiple_choice(rng, got[1], got[3])
         img = base64.b64encode(encode(render(scene, size))).decode()
-        for k in range(len(opts)):
-            rot = opts[k:] + opts[:k]
-            rows.append([g + k * 1_000_000, got[0], "", *rot, *[""] * (4 - len(rot)),
-                         LETTERS[(LETTERS.index(letter) - k) % len(opts)], cat, img, "dev"])
-    rows.sort(key=lambda r: r[0])  # the originals first, then each rotation, as MMBench orders them
-    with open(os.path.join(root, "eval", "mmbench.tsv"), "w", newline="") as f:
-        w = csv.writer(f, delimiter="\t", lineterminator="\n")
-        w.writerow(["index", "question", "hint", "A", "B", "C", "D", "answer", "category", "image", "split"])
-        w.writerows(rows)
+        rows += [[g + k * 1_000_000, got[0], "", *opts[k:], *opts[:k], *[""] * (4 - len(opts)),
+                  LETTERS[(LETTERS.index(letter) - k) % len(opts)], cat, img, "dev"] for k in range(len(opts))]
+    header = ["index", "question", "hint", "A", "B", "C", "D", "answer", "category", "image", "split"]
+    # the originals first, then each rotation, as MMBench orders them; no field holds a tab, newline or quote
+    _put(root, "eval/mmbench.tsv", "".join("\t".join(map(str, r)) + "\n" for r in [header] + sorted(rows)))
     man["files"]["eval/mmbench.tsv"] = {"questions": n, "rows": len(rows)}
 
     # POPE jsonl: per image, a yes and a no question for each of POPE's three ways to pick absent objects. Toy
@@ -564,8 +531,7 @@ def _write_eval(root, cfg, man):
             for (c, s), ans in pair[:n - len(pope)]:
                 pope.append({"question_id": len(pope) + 1, "question": f"Is there {_a(c)} {c} {s} in the image?",
                              "answer": ans, "image_source": name, "image": path, "category": cat})
-    with open(os.path.join(root, "eval", "pope.jsonl"), "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in pope)
+    _put(root, "eval/pope.jsonl", "".join(json.dumps(r) + "\n" for r in pope))
     man["files"]["eval/pope.jsonl"] = {"questions": n, "yes": sum(r["answer"] == "yes" for r in pope),
                                        "no": sum(r["answer"] == "no" for r in pope), "images": n_img}
 
@@ -580,9 +546,8 @@ def _write_eval(root, cfg, man):
             answers[k] = rng.choice((w.lower(), w.capitalize(), f"{w} sign", w[:-1] or w, "unanswerable"))
         data.append({"question_id": i, "question": q, "image_id": name, "image": save(name, scene),
                      "image_width": size, "image_height": size, "answers": answers, "set_name": "val"})
-    with open(os.path.join(root, "eval", "textvqa.json"), "w") as f:
-        json.dump({"dataset_name": "textvqa", "dataset_type": "val", "dataset_version": "toy", "data": data}, f,
-                  indent=1)
+    _put(root, "eval/textvqa.json", json.dumps({"dataset_name": "textvqa", "dataset_type": "val",
+                                                "dataset_version": "toy", "data": data}, indent=1))
     man["files"]["eval/textvqa.json"] = {"questions": n, "images": n}
     man["files"]["eval/images"] = {"files": n_img + n}
 
@@ -591,13 +556,12 @@ def _write_eval(root, cfg, man):
 # Build, cache, command line
 
 
-def _dump_manifest(man, path):
+def _manifest_text(man):
     """Indented JSON, except that each scene takes one line (there are tens of thousands)."""
     blocks = [f'    "{split}": {{' + ",".join(f"\n      {json.dumps(k)}: {json.dumps(v, separators=(',', ':'))}"
                                            for k, v in d.items()) + "\n    }" for split, d in man["scenes"].items()]
     head = json.dumps({k: v for k, v in man.items() if k != "scenes"}, indent=2)
-    with open(path, "w") as f:
-        f.write(head[:-2] + ',\n  "scenes": {\n' + ",\n".join(blocks) + "\n  }\n}\n")
+    return head[:-2] + ',\n  "scenes": {\n' + ",\n".join(blocks) + "\n  }\n}\n"
 
 
 def _manifest_config(root):
@@ -609,103 +573,78 @@ def _manifest_config(root):
         return None
 
 
-def build(out_dir, seed=0, n_pool=20000, n_sft=10000, n_eval=1000, image_size=64, wrong_share=0.1,
-          shard_size=2500) -> dict:
-    """Write a toy world into out_dir and return its manifest. It is written into a temp dir next to out_dir and
-    renamed at the end, so an interrupted build never looks finished. An existing toy world at out_dir is replaced;
-    any other non-empty directory is refused."""
-    cfg = dict(seed=seed, n_pool=n_pool, n_sft=n_sft, n_eval=n_eval, image_size=image_size, wrong_share=wrong_share,
-               shard_size=shard_size)
-    for k in ("n_pool", "shard_size", "n_sft", "n_eval"):
-        if not isinstance(cfg[k], int) or cfg[k] < (1 if k in ("n_pool", "shard_size") else 0):
-            raise ValueError(f"toyworld: {k} must be a {'positive' if k in ('n_pool', 'shard_size') else 'non-negative'}"
-                             f" integer, got {cfg[k]!r}")
-    if not (32 <= image_size <= 4096 and 0 <= wrong_share < 1):
-        raise ValueError(f"toyworld: need 32 <= image_size <= 4096 and 0 <= wrong_share < 1, got {image_size}, "
-                         f"{wrong_share}")
+def build(out_dir, **settings) -> dict:
+    """Write a toy world with `settings` (DEFAULTS' keys, Config's defaults) into out_dir and return its manifest. It
+    is written into a temp dir next to out_dir and renamed at the end, so an interrupted build never looks finished.
+    An existing toy world at out_dir is replaced; any other non-empty directory is refused."""
+    cfg = {**DEFAULTS, **settings}
+    counts = ("n_pool", "shard_size", "n_sft", "n_eval")  # the first two at least 1, the others at least 0
+    if set(cfg) != set(DEFAULTS) or not all(isinstance(cfg[k], int) and cfg[k] >= (k in counts[:2]) for k in counts) \
+            or not (32 <= cfg["image_size"] <= 4096 and 0 <= cfg["wrong_share"] < 1):
+        raise ValueError(f"toyworld: bad settings {settings}: need n_pool, shard_size >= 1 and n_sft, n_eval >= 0 "
+                         f"(integers), 32 <= image_size <= 4096, 0 <= wrong_share < 1")
     out_dir = os.path.abspath(out_dir)
     if os.path.isdir(out_dir) and os.listdir(out_dir) and _manifest_config(out_dir) is None:
         raise FileExistsError(f"toyworld: {out_dir} exists and is not a toy world (no manifest.json); not replacing it")
-    tmp = f"{out_dir}.tmp-{os.getpid()}"
+    tmp, old = f"{out_dir}.tmp-{os.getpid()}", f"{out_dir}.old-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
     try:
+        for d in ("pool", "sft/images", "eval/images"):
+            os.makedirs(os.path.join(tmp, d))
         man = {"name": "toyworld", "version": VERSION, "config": cfg, "files": {}, "pool": {},
                "scenes": {"pool": {}, "sft": {}, "eval": {}}}
         texts = _write_pool(tmp, cfg, man) + _write_sft(tmp, cfg, man)
         _write_eval(tmp, cfg, man)  # eval text does not train the tokenizer either
-        tok = train_tokenizer(texts + ["system\nYou are a helpful assistant.\nuser\nassistant\n"], VOCAB_SIZE)
+        tok = train_tokenizer(texts + [f"system\n{SYSTEM_PROMPT}\nuser\nassistant\n"], VOCAB_SIZE)
         tok.save(os.path.join(tmp, "tokenizer.json"))
         man["files"]["tokenizer.json"] = {"vocab_size": tok.get_vocab_size(with_added_tokens=True),
                                           "bpe_vocab_size": tok.get_vocab_size(with_added_tokens=False)}
-        _dump_manifest(man, os.path.join(tmp, "manifest.json"))  # last: a dir with a manifest is complete
-        old = f"{out_dir}.old-{os.getpid()}"
-        if os.path.exists(out_dir):
-            os.rename(out_dir, old)
-        os.rename(tmp, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-        return man
+        _put(tmp, "manifest.json", _manifest_text(man))  # last: a dir with a manifest is complete
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if os.path.exists(out_dir):
+        os.rename(out_dir, old)
+    os.rename(tmp, out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+    return man
 
 
 def default_root() -> str:
     return os.path.join(os.path.dirname(os.path.abspath(__file__)), "cache", "toyworld")
 
 
-def ensure(root=None, **kw) -> str:
+def ensure(root=None, **settings) -> str:
     """The world dir, built on first use, and rebuilt if it was built with other settings or by an older generator.
     In a multi-process job call it on one rank first, and let the others wait at a barrier."""
     root = os.path.abspath(root or default_root())
-    if _manifest_config(root) != (VERSION, {**DEFAULTS, **kw}):
+    if _manifest_config(root) != (VERSION, {**DEFAULTS, **settings}):
         print(f"toyworld: building the toy world into {root}", file=sys.stderr)
-        build(root, **{**DEFAULTS, **kw})
+        build(root, **settings)
     return root
 
 
 def write_samples(out, seed=0, image_size=64, n_pool=20000, wrong_share=0.1):
-    """PNGs of two clean pool records (the first with a word, the first with several kinds); prints the captions."""
+    """PNGs of two clean pool records (the first with a word, then the first with several kinds); prints captions."""
     broken, wrong = pool_noise(seed, n_pool, wrong_share)
-    wants = [lambda s: s["text"], lambda s: not s["text"] and len(groups(s)) > 1]
+    records = ((i, *pool_record(seed, i)) for i in range(n_pool) if i not in broken and i not in wrong)
     os.makedirs(out, exist_ok=True)
-    for i in (i for i in range(n_pool) if i not in broken and i not in wrong):
-        scene, cap = pool_record(seed, i)
-        if wants and wants[0](scene):
-            path = os.path.join(out, f"toyworld_sample_{3 - len(wants)}.png")
-            render(scene, image_size).save(path, optimize=True)
-            print(f"{path}: pool record {i} (seed {seed}): {cap}")
-            wants.pop(0)
-
-
-@dataclasses.dataclass
-class Config:
-    """python toyworld.py [--out DIR] [--seed N] [--n-pool N] [--n-sft N] [--n-eval N] [--image-size PX]
-    [--wrong-share F] [--shard-size N] [--samples DIR]"""
-    out: str = ""  # the world dir; empty: cache/toyworld next to this file
-    seed: int = 0
-    n_pool: int = 20000
-    n_sft: int = 10000
-    n_eval: int = 1000
-    image_size: int = 64
-    wrong_share: float = 0.1
-    shard_size: int = 2500
-    samples: str = ""  # instead of building: write two sample pool images (PNG) into this dir, print their captions
+    for k, want in enumerate((lambda s: s["text"], lambda s: not s["text"] and len(groups(s)) > 1), 1):
+        i, scene, cap = next(r for r in records if want(r[1]))
+        render(scene, image_size).save(path := os.path.join(out, f"toyworld_sample_{k}.png"), optimize=True)
+        print(f"{path}: pool record {i} (seed {seed}): {cap}")
 
 
 def main():
-    from model import parse_config
-
     cfg = parse_config(Config)
     if cfg.samples:
         return write_samples(cfg.samples, cfg.seed, cfg.image_size, cfg.n_pool, cfg.wrong_share)
     t0, out = time.time(), cfg.out or default_root()
     man = build(out, **{k: getattr(cfg, k) for k in DEFAULTS})
-    p = man["pool"]
+    p, vocab = man["pool"], man["files"]["tokenizer.json"]["vocab_size"]
     print(f"toyworld: wrote {out} in {time.time() - t0:.1f}s: {p['samples']} pool pairs in {p['shards']} shards "
           f"({len(p['wrong_caption'])} wrong captions, {sum(map(len, p['broken'].values()))} broken records), "
-          f"{cfg.n_sft} SFT conversations, {cfg.n_eval} questions per eval set, "
-          f"vocab {man['files']['tokenizer.json']['vocab_size']}")
+          f"{cfg.n_sft} SFT conversations, {cfg.n_eval} questions per eval set, vocab {vocab}")
 
 
 if __name__ == "__main__":
