@@ -319,7 +319,7 @@ PACKERS = {"fill": pack_fill, "ffd": pack_ffd}
 # One shard
 
 
-def _member(name: str, data: bytes) -> bytes:
+def tar_member(name: str, data: bytes) -> bytes:
     """A tar member: ustar header (mode 644, owner 0, mtime 0: nothing about the run leaks into the bytes), data,
     zero padding to a 512-byte block. By hand, because tarfile's writer costs ~15 us a member, 10% of the packer."""
     h = bytearray(name.encode().ljust(100, b"\0") + b"0000644\0" b"0000000\0" b"0000000\0" + b"%011o\0" % len(data)
@@ -363,12 +363,12 @@ def pack_shard(src: str, out_dir: str, name: str, cfg: PackConfig, tok: Tokenize
         for r, ds in enumerate([docs[i] for i in row] for row in rows):  # ds: the row's documents
             offsets.append(f.tell())
             meta = {"doc_lengths": [len(d.ids) for d in ds], "keys": [d.key for d in ds], "uids": [d.uid for d in ds]}
-            f.write(_member(f"{r:06d}.json", json.dumps(meta).encode()))
+            f.write(tar_member(f"{r:06d}.json", json.dumps(meta).encode()))
             ids, buf = np.array([t for d in ds for t in d.ids], np.int32), io.BytesIO()
             np.lib.format.write_array(buf, ids, allow_pickle=False)
-            f.write(_member(f"{r:06d}.input_ids.npy", buf.getvalue()))
+            f.write(tar_member(f"{r:06d}.input_ids.npy", buf.getvalue()))
             for j, (ext, image) in enumerate(im for d in ds for im in d.images):
-                f.write(_member(f"{r:06d}.{j:04d}.{ext}", source[image] if isinstance(image, slice) else image))
+                f.write(tar_member(f"{r:06d}.{j:04d}.{ext}", source[image] if isinstance(image, slice) else image))
         f.write(bytes(1024))  # end of archive
     os.replace(tmp, path)  # atomic; after a crash a torn tar fails the size check against its stats
 

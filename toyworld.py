@@ -35,7 +35,7 @@ from collections import Counter
 from PIL import Image, ImageDraw, ImageFont
 
 from model import SYSTEM_PROMPT, Tokenizer, parse_config
-from pack import _member  # the packer's tar member: fixed metadata (mtime 0, owner 0), so same members, same bytes
+from pack import tar_member  # the packer's tar member: fixed metadata (mtime 0, owner 0), so same members, same bytes
 
 
 @dataclasses.dataclass
@@ -453,7 +453,7 @@ def _write_pool(root, cfg, man):
             texts.append(cap)
         if i % shard_size == shard_size - 1 or i == n - 1:
             name = f"pool/{i // shard_size:06d}.tar"
-            _put(root, name, b"".join(_member(*m) for m in members) + bytes(1024))  # 2 zero blocks end a tar
+            _put(root, name, b"".join(tar_member(*m) for m in members) + bytes(1024))  # 2 zero blocks end a tar
             man["files"][name], members = {"samples": i % shard_size + 1}, []
     return texts
 
