@@ -247,10 +247,8 @@ class VisionConfig:
 
     @classmethod
     def from_hf(cls, d: dict) -> VisionConfig:
-        return cls(d.get("image_size", 224), d.get("patch_size", 16), d.get("hidden_size", 768),
-                   d.get("intermediate_size", 3072), d.get("num_hidden_layers", 12), d.get("num_attention_heads", 12),
-                   d.get("layer_norm_eps", 1e-6), _act(d.get("hidden_act", "gelu_pytorch_tanh")),
-                   d.get("vision_use_head", True))
+        return cls(d.get("image_size", 224), d.get("patch_size", 16), use_head=d.get("vision_use_head", True),
+                   **_siglip_from_hf(d))
 
 
 @dataclass
@@ -267,11 +265,16 @@ class TextConfig:  # SigLIP's text tower
 
     @classmethod
     def from_hf(cls, d: dict) -> TextConfig:
-        h = d.get("hidden_size", 768)
-        return cls(d.get("vocab_size", 32000), h, d.get("intermediate_size", 3072), d.get("num_hidden_layers", 12),
-                   d.get("num_attention_heads", 12), d.get("max_position_embeddings", 64),
-                   d.get("projection_size") or h, d.get("layer_norm_eps", 1e-6),
-                   _act(d.get("hidden_act", "gelu_pytorch_tanh")))
+        shared = _siglip_from_hf(d)
+        return cls(d.get("vocab_size", 32000), max_positions=d.get("max_position_embeddings", 64),
+                   projection_size=d.get("projection_size") or shared["hidden_size"], **shared)
+
+
+def _siglip_from_hf(d: dict) -> dict:
+    """Fields both SigLIP towers have. A key missing from the file (hub configs omit defaults) has HF's default."""
+    return dict(hidden_size=d.get("hidden_size", 768), intermediate_size=d.get("intermediate_size", 3072),
+                num_layers=d.get("num_hidden_layers", 12), num_heads=d.get("num_attention_heads", 12),
+                eps=d.get("layer_norm_eps", 1e-6), act=_act(d.get("hidden_act", "gelu_pytorch_tanh")))
 
 
 @dataclass
