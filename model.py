@@ -312,25 +312,33 @@ def gelu(x, kind: str):
     return F.gelu(x, approximate="tanh" if kind == "gelu_tanh" else "none")
 
 
+def split_heads(x, n: int):  # (B, T, n * head_dim) -> (B, n, T, head_dim), a view
+    return x.unflatten(-1, (n, -1)).transpose(1, 2)
+
+
+def merge_heads(x):  # (B, n, T, head_dim) -> (B, T, n * head_dim)
+    return x.transpose(1, 2).flatten(2)
+
+
 # -----------------------------------------------------------------------------------------------------------------
 # SigLIP (§1.1): pre-norm ViT blocks, no class token, learned positions; a text tower and a contrastive head.
 
 
 class SiglipBlock(nn.Module):
-    def __init__(self, d: int, heads: int, inter: int, eps: float, act: str):
+    def __init__(self, c: VisionConfig | TextConfig):
         super().__init__()
-        self.heads, self.act = heads, act
-        self.norm1 = nn.LayerNorm(d, eps=eps)
+        d = c.hidden_size
+        self.heads, self.act = c.num_heads, c.act
+        self.norm1 = nn.LayerNorm(d, eps=c.eps)
         self.qkv = nn.Linear(d, 3 * d)  # fused q, k, v: one matmul instead of three
         self.proj = nn.Linear(d, d)
-        self.norm2 = nn.LayerNorm(d, eps=eps)
-        self.fc1 = nn.Linear(d, inter)
-        self.fc2 = nn.Linear(inter, d)
+        self.norm2 = nn.LayerNorm(d, eps=c.eps)
+        self.fc1 = nn.Linear(d, c.intermediate_size)
+        self.fc2 = nn.Linear(c.intermediate_size, d)
 
     def forward(self, x):
-        B, T, D = x.shape
-        q, k, v = self.qkv(self.norm1(x)).view(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
-        x = x + self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, T, D))
+        q, k, v = split_heads(self.qkv(self.norm1(x)), 3 * self.heads).chunk(3, dim=1)
+        x = x + self.proj(merge_heads(F.scaled_dot_product_attention(q, k, v)))
         return x + self.fc2(gelu(self.fc1(self.norm2(x)), self.act))
 
 
@@ -350,14 +358,11 @@ class AttentionPoolHead(nn.Module):
         self.fc2 = nn.Linear(c.intermediate_size, d)
 
     def forward(self, x):
-        B, T, D = x.shape
-        H = self.heads
         wq, wk, wv = self.in_proj.weight.chunk(3)
         bq, bk, bv = self.in_proj.bias.chunk(3)
-        q = F.linear(self.probe.expand(B, 1, D), wq, bq).view(B, 1, H, D // H).transpose(1, 2)
-        k = F.linear(x, wk, bk).view(B, T, H, D // H).transpose(1, 2)
-        v = F.linear(x, wv, bv).view(B, T, H, D // H).transpose(1, 2)
-        h = self.out_proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, 1, D))
+        q = split_heads(F.linear(self.probe.expand(x.shape[0], 1, -1), wq, bq), self.heads)
+        k, v = split_heads(F.linear(x, wk, bk), self.heads), split_heads(F.linear(x, wv, bv), self.heads)
+        h = self.out_proj(merge_heads(F.scaled_dot_product_attention(q, k, v)))
         return (h + self.fc2(gelu(self.fc1(self.norm(h)), self.act)))[:, 0]
 
 
@@ -368,8 +373,7 @@ class SiglipVision(nn.Module):
         d = c.hidden_size
         self.patch_embed = nn.Conv2d(3, d, c.patch_size, c.patch_size)
         self.pos_embed = nn.Parameter(torch.zeros((c.image_size // c.patch_size) ** 2, d))
-        self.blocks = nn.ModuleList(SiglipBlock(d, c.num_heads, c.intermediate_size, c.eps, c.act)
-                                    for _ in range(c.num_layers))
+        self.blocks = nn.ModuleList(SiglipBlock(c) for _ in range(c.num_layers))
         self.post_norm = nn.LayerNorm(d, eps=c.eps)
         self.head = AttentionPoolHead(c) if c.use_head else None
 
@@ -391,8 +395,7 @@ class SiglipText(nn.Module):
         d = c.hidden_size
         self.token_embed = nn.Embedding(c.vocab_size, d)
         self.pos_embed = nn.Parameter(torch.zeros(c.max_positions, d))
-        self.blocks = nn.ModuleList(SiglipBlock(d, c.num_heads, c.intermediate_size, c.eps, c.act)
-                                    for _ in range(c.num_layers))
+        self.blocks = nn.ModuleList(SiglipBlock(c) for _ in range(c.num_layers))
         self.final_norm = nn.LayerNorm(d, eps=c.eps)
         self.head = nn.Linear(d, c.projection_size)
 
@@ -567,25 +570,21 @@ def apply_rope(x, cos, sin):
 class QwenBlock(nn.Module):
     def __init__(self, c: QwenConfig):
         super().__init__()
-        self.c = c
         d, hd = c.hidden_size, c.head_dim
+        self.heads = [c.num_heads, c.num_kv_heads, c.num_kv_heads]  # for q, k, v
         self.attn_norm = RMSNorm(d, c.eps)
-        self.qkv = nn.Linear(d, (c.num_heads + 2 * c.num_kv_heads) * hd, bias=True)  # fused q, k, v (with bias)
+        self.qkv = nn.Linear(d, sum(self.heads) * hd, bias=True)  # fused q, k, v (with bias)
         self.o_proj = nn.Linear(c.num_heads * hd, d, bias=False)
         self.mlp_norm = RMSNorm(d, c.eps)
         self.gate_up = nn.Linear(d, 2 * c.intermediate_size, bias=False)  # fused gate and up projections
         self.down = nn.Linear(c.intermediate_size, d, bias=False)
 
     def forward(self, x, cos, sin, attn: Attention, cache: KVCache | None = None, layer: int = 0):
-        B, T, _ = x.shape
-        c, hd = self.c, self.c.head_dim
-        q, k, v = self.qkv(self.attn_norm(x)).split([c.num_heads * hd, c.num_kv_heads * hd, c.num_kv_heads * hd], -1)
-        q = apply_rope(q.view(B, T, c.num_heads, hd).transpose(1, 2), cos, sin)
-        k = apply_rope(k.view(B, T, c.num_kv_heads, hd).transpose(1, 2), cos, sin)
-        v = v.view(B, T, c.num_kv_heads, hd).transpose(1, 2)
+        q, k, v = split_heads(self.qkv(self.attn_norm(x)), sum(self.heads)).split(self.heads, dim=1)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer, k, v)
-        x = x + self.o_proj(attend(q, k, v, attn).transpose(1, 2).reshape(B, T, c.num_heads * hd))
+        x = x + self.o_proj(merge_heads(attend(q, k, v, attn)))
         gate, up = self.gate_up(self.mlp_norm(x)).chunk(2, dim=-1)
         return x + self.down(F.silu(gate) * up)
 
