@@ -914,22 +914,18 @@ def read_config(d: str) -> dict:
         return json.load(f)
 
 
-def weight_files(d: str) -> list[str]:
-    if os.path.isfile(d):
-        return [d]
-    index = os.path.join(d, "model.safetensors.index.json")
-    if os.path.isfile(index):
-        with open(index) as f:
-            return sorted({os.path.join(d, v) for v in json.load(f)["weight_map"].values()})
-    files = sorted(os.path.join(d, f) for f in os.listdir(d) if f.endswith(".safetensors"))
-    if not files:
-        raise FileNotFoundError(f"{d}: no model.safetensors or model.safetensors.index.json")
-    return files
-
-
-def iter_tensors(files: list[str]):
-    """(file, name, tensor) for every tensor, read lazily (safetensors mmaps)."""
+def read_tensors(d: str):
+    """(file, name, tensor) for every tensor of a safetensors file, or of a directory's safetensors files (the ones its
+    index names, if it has one), read lazily: safetensors mmaps."""
     from safetensors import safe_open
+    index = os.path.join(d, "model.safetensors.index.json")
+    if os.path.isfile(d):
+        files = [d]
+    elif os.path.isfile(index):
+        with open(index) as f:
+            files = sorted({os.path.join(d, v) for v in json.load(f)["weight_map"].values()})
+    elif not (files := sorted(os.path.join(d, f) for f in os.listdir(d) if f.endswith(".safetensors"))):
+        raise FileNotFoundError(f"{d}: no model.safetensors or model.safetensors.index.json")
     for path in files:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path}: weight file missing")
@@ -970,9 +966,8 @@ def load_into(model: nn.Module, tensors, key_map, dtype=None) -> nn.Module:
         if t.shape != want:
             raise ValueError(f"{path}: tensor {name!r} has shape {tuple(t.shape)}, expected {tuple(want)} for {ours}")
         mod, _, leaf = ours.rpartition(".")
-        old = params[ours]
-        setattr(model.get_submodule(mod), leaf, nn.Parameter(t, requires_grad=old.requires_grad))
-        params[ours] = getattr(model.get_submodule(mod), leaf)
+        params[ours] = nn.Parameter(t, requires_grad=params[ours].requires_grad)
+        setattr(model.get_submodule(mod), leaf, params[ours])
     missing = [k for k, p in model.named_parameters() if p.is_meta] + [k + " (partial)" for k in parts]
     if missing:
         raise KeyError(f"{', '.join(sorted(seen))}: missing {len(missing)} tensor(s): {', '.join(missing[:8])}")
@@ -985,7 +980,7 @@ def load_qwen(src: str, dtype=None) -> Qwen2:
     with torch.device("meta"):
         model = Qwen2(cfg)
     rules = ([(r"lm_head\.weight", SKIP)] if cfg.tie_embeddings else []) + QWEN_KEYS  # tied: the head is the embedding
-    return load_into(model, iter_tensors(weight_files(d)), _mapper(("model.", rules, ""), ("", rules, "")), dtype)
+    return load_into(model, read_tensors(d), _mapper(("model.", rules, ""), ("", rules, "")), dtype)
 
 
 def load_vision(src: str, config: VisionConfig | None = None, act: str | None = None, dtype=None) -> SiglipVision:
@@ -1006,7 +1001,7 @@ def load_vision(src: str, config: VisionConfig | None = None, act: str | None = 
         skip.append((r"(?:vision_model\.|visual\.trunk\.)?(?:head|attn_pool)\..*", SKIP))
     key_map = _mapper(("", skip, ""), ("vision_model.", VISION_KEYS, ""), ("visual.trunk.", VISION_KEYS, ""),
                       ("", VISION_KEYS, ""))
-    return load_into(model, iter_tensors(weight_files(d)), key_map, dtype)
+    return load_into(model, read_tensors(d), key_map, dtype)
 
 
 def load_siglip(src: str, dtype=None) -> Siglip:
@@ -1016,7 +1011,7 @@ def load_siglip(src: str, dtype=None) -> Siglip:
         model = Siglip(VisionConfig.from_hf(c["vision_config"]), TextConfig.from_hf(c["text_config"]))
     key_map = _mapper(("vision_model.", VISION_KEYS, "vision."), ("text_model.", TEXT_KEYS, "text."),
                       ("", [(r"logit_(scale|bias)", r"logit_\1")], ""))
-    return load_into(model, iter_tensors(weight_files(d)), key_map, dtype)
+    return load_into(model, read_tensors(d), key_map, dtype)
 
 
 def load_vlm(src: str, dtype=None, image_tokens: int | None = None) -> VLM:
@@ -1029,7 +1024,7 @@ def load_vlm(src: str, dtype=None, image_tokens: int | None = None) -> VLM:
     c = VLMConfig.from_dict(c)
     with torch.device("meta"):
         model = VLM(dataclasses.replace(c, image_tokens=image_tokens or c.image_tokens))
-    return load_into(model, iter_tensors(weight_files(d)), lambda n: (n, 0, 1), dtype)
+    return load_into(model, read_tensors(d), lambda n: (n, 0, 1), dtype)
 
 
 def build_vlm(vision: str, llm: str, image_tokens: int = 144, act: str | None = None, dtype=None) -> VLM:
