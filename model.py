@@ -461,6 +461,13 @@ class Projector(nn.Module):
             x = torch.matmul(p, x)
         return self.fc2(F.gelu(self.fc1(x)))
 
+    def init_weights(self):
+        """PyTorch's default Linear init under seed 1152: the official code seeds with the vision width (§1.3)."""
+        torch.manual_seed(1152)
+        self.fc1.reset_parameters()
+        self.fc2.reset_parameters()
+        return self
+
 
 # -----------------------------------------------------------------------------------------------------------------
 # Attention over (packed) rows. One `Attention` per forward, shared by all layers.
@@ -632,7 +639,7 @@ class Qwen2(nn.Module):
 
 
 class KVCache:
-    """Preallocated keys/values for every layer; `mask` marks real (not left-padding) key positions."""
+    """Preallocated keys and values for every layer; `length` positions are filled."""
 
     def __init__(self, c: QwenConfig, batch: int, max_len: int, dtype, device):
         shape = (c.num_layers, batch, c.num_kv_heads, max_len, c.head_dim)
@@ -666,7 +673,8 @@ def preset(name: str, vocab_size: int | None = None) -> VLMConfig:
     """`paper`: SigLIP-so400m-patch14-384 (exact GELU, as the timm weights the official code ran) + Qwen2.5-1.5B.
     `tiny`: the same architecture shrunk to train in minutes on a CPU over the toy world (64 px images)."""
     if name == "paper":
-        return VLMConfig(VisionConfig(act="gelu", use_head=False), QwenConfig(**({"vocab_size": vocab_size} if vocab_size else {})), 144)
+        llm = QwenConfig(vocab_size=vocab_size) if vocab_size else QwenConfig()
+        return VLMConfig(VisionConfig(act="gelu", use_head=False), llm, 144)
     if name == "tiny":
         return VLMConfig(VisionConfig(64, 8, 96, 256, 3, 4, act="gelu", use_head=False),
                          QwenConfig(vocab_size or 4096, 128, 384, 4, 4, 2, 32, 1e4), 16)
@@ -799,16 +807,14 @@ class VLM(nn.Module):
         return out
 
     def init_weights(self, seed: int = 0):
-        """Random init for training from scratch (tiny preset, tests): N(0, 0.02) like HF, then the projector with
-        PyTorch's default Linear init under seed 1152 (the official code seeds with the vision width, §1.3)."""
+        """Random init for training from scratch (tiny preset, tests): N(0, 0.02) like HF, then the projector as the
+        official code initializes it."""
         torch.manual_seed(seed)
         for name, p in self.named_parameters():
             norm = isinstance(self.get_submodule(name.rpartition(".")[0]), (nn.LayerNorm, RMSNorm))
             nn.init.ones_(p) if norm and name.endswith("weight") else nn.init.zeros_(p) if name.endswith("bias") \
                 else nn.init.normal_(p, std=0.02)
-        torch.manual_seed(1152)
-        self.projector.fc1.reset_parameters()
-        self.projector.fc2.reset_parameters()
+        self.projector.init_weights()
         return self
 
     def save_pretrained(self, out_dir: str):
@@ -1033,11 +1039,7 @@ def build_vlm(vision: str, llm: str, image_tokens: int = 144, act: str | None = 
     with torch.device("meta"):
         model = VLM(VLMConfig(v.config, q.config, image_tokens))
     model.vision, model.llm = v, q
-    model.projector = Projector(v.config.hidden_size, q.config.hidden_size, v.config.image_size // v.config.patch_size,
-                                image_tokens)
-    torch.manual_seed(1152)  # the official projector init seed (§1.3)
-    model.projector.fc1.reset_parameters()
-    model.projector.fc2.reset_parameters()
+    model.projector.to_empty(device="cpu").init_weights()  # fp32 like a fresh module, then the model's dtype
     return model.to(dtype) if dtype else model
 
 
