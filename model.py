@@ -201,9 +201,7 @@ def load_image(src, name: str = "<bytes>") -> Image.Image:
         a = np.asarray(img, dtype=np.float64)
         a = a / 256.0 if img.mode.startswith("I;16") or a.max() > 255 else a
         img = Image.fromarray(np.clip(a, 0, 255).astype(np.uint8), "L")
-    if img.mode == "P" and "transparency" in img.info:
-        img = img.convert("RGBA")
-    if img.mode in ("RGBA", "LA", "PA"):
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         img = img.convert("RGBA")
         bg = Image.new("RGBA", img.size, (255, 255, 255, 255))
         bg.alpha_composite(img)
@@ -481,10 +479,6 @@ class Attention:
     block_mask: object = None  # kind=flex
 
 
-def doc_ids_from_lens(doc_lens: list[list[int]], device) -> torch.Tensor:
-    return torch.stack([torch.repeat_interleave(torch.arange(len(d)), torch.tensor(d)) for d in doc_lens]).to(device)
-
-
 def position_ids_from_lens(doc_lens: list[list[int]], device) -> torch.Tensor:
     """Positions restart at 0 at every document, so a packed document sees exactly what it would see alone."""
     return torch.stack([torch.cat([torch.arange(n) for n in d]) for d in doc_lens]).to(device)
@@ -504,16 +498,12 @@ def make_attention(doc_lens: list[list[int]] | None, device, backend: str = "aut
         mean_len = sum(map(sum, doc_lens)) / sum(map(len, doc_lens))
         backend = "flex" if torch.device(device).type == "cuda" else ("docs" if mean_len >= 64 else "mask")
     if backend == "docs":
-        segs = []
-        for d in doc_lens:
-            ends = np.cumsum(d).tolist()
-            segs.append(list(zip([0] + ends[:-1], ends)))
-        return Attention("docs", segments=segs)
-    doc = doc_ids_from_lens(doc_lens, device)
+        ends = [np.cumsum(d).tolist() for d in doc_lens]
+        return Attention("docs", segments=[list(zip([0, *e], e)) for e in ends])
+    # per row, the index of the document each position belongs to
+    doc = torch.stack([torch.repeat_interleave(torch.arange(len(d)), torch.tensor(d)) for d in doc_lens]).to(device)
     if backend == "mask":
-        T = doc.shape[1]
-        causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
-        return Attention("mask", mask=((doc[:, :, None] == doc[:, None, :]) & causal)[:, None])
+        return Attention("mask", mask=(doc[:, :, None] == doc[:, None, :]).tril()[:, None])
     if backend == "flex":
         from torch.nn.attention.flex_attention import create_block_mask
 
