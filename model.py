@@ -104,11 +104,10 @@ class Tokenizer:
     def encode_with_images(self, text: str) -> list[int]:
         """Text where each literal "<image>" becomes one IMAGE_ID; the chunks between are tokenized separately,
         exactly as the official `tokenizer_image_token` does (minus its token-dropping quirk, §1.6)."""
-        out: list[int] = []
-        for k, chunk in enumerate(text.split("<image>")):
-            if k:
-                out.append(IMAGE_ID)
-            out += self.encode(chunk)
+        first, *rest = text.split("<image>")
+        out = self.encode(first)
+        for chunk in rest:
+            out += [IMAGE_ID] + self.encode(chunk)
         return out
 
 
@@ -142,8 +141,7 @@ def chat_tokens(tok: Tokenizer, turns: list[dict], style: str = "qwen2") -> tupl
     """
     if style not in ("qwen2", "release"):
         raise ValueError(f"unknown chat style {style!r} (qwen2 or release)")
-    ids: list[int] = []
-    labels: list[int] = []
+    ids, labels = [], []
 
     def add(piece: list[int], supervised: bool):
         ids.extend(piece)
@@ -202,10 +200,7 @@ def load_image(src, name: str = "<bytes>") -> Image.Image:
         a = a / 256.0 if img.mode.startswith("I;16") or a.max() > 255 else a
         img = Image.fromarray(np.clip(a, 0, 255).astype(np.uint8), "L")
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        img = img.convert("RGBA")
-        bg = Image.new("RGBA", img.size, (255, 255, 255, 255))
-        bg.alpha_composite(img)
-        img = bg
+        img = Image.alpha_composite(Image.new("RGBA", img.size, (255, 255, 255, 255)), img.convert("RGBA"))
     return img.convert("RGB")
 
 
