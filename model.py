@@ -450,8 +450,7 @@ class Projector(nn.Module):
 
     def forward(self, x):  # (N, grid^2, vision_dim) -> (N, tokens, llm_dim)
         if self.tokens != x.shape[1]:
-            p = pool_matrix(self.grid, math.isqrt(self.tokens)).to(x.device, x.dtype)
-            x = torch.matmul(p, x)
+            x = pool_matrix(self.grid, math.isqrt(self.tokens)).to(x.device, x.dtype) @ x
         return self.fc2(F.gelu(self.fc1(x)))
 
     def init_weights(self):
@@ -812,9 +811,9 @@ def save_vlm(out_dir: str, config: VLMConfig, state: dict):
     """config.json + model.safetensors (our key names), each written to a temp name then renamed."""
     from safetensors.torch import save_file
     os.makedirs(out_dir, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
-    save_file(state, os.path.join(out_dir, "model.safetensors.tmp"), metadata={"format": "pt"})
-    os.replace(os.path.join(out_dir, "model.safetensors.tmp"), os.path.join(out_dir, "model.safetensors"))
+    path = os.path.join(out_dir, "model.safetensors")
+    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, path + ".tmp", metadata={"format": "pt"})
+    os.replace(path + ".tmp", path)
     _write_json(os.path.join(out_dir, "config.json"), {"model_type": "open-qwen2vl", **dataclasses.asdict(config)})
 
 
@@ -906,8 +905,8 @@ def read_config(d: str) -> dict:
 
 
 def read_tensors(d: str):
-    """(file, name, tensor) for every tensor of a safetensors file, or of a directory's safetensors files (the ones its
-    index names, if it has one), read lazily: safetensors mmaps."""
+    """(file, name, tensor) for every tensor of a safetensors file or a checkpoint directory (sharded or not), read
+    lazily: safetensors mmaps."""
     from safetensors import safe_open
     index = os.path.join(d, "model.safetensors.index.json")
     if os.path.isfile(d):
