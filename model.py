@@ -826,7 +826,7 @@ def _write_json(path: str, obj):
 # -----------------------------------------------------------------------------------------------------------------
 # Loading. A model is built on the meta device and each checkpoint tensor is converted and placed as it is read, so
 # a 1.5B model never exists twice in memory and can go straight to bf16. Key maps are explicit regex tables:
-# (checkpoint name, our name[, part, parts]) where parts > 1 are concatenated (we fuse q/k/v and gate/up).
+# (checkpoint name, our name[, parts]); the tensors of a parts group are concatenated (we fuse q/k/v, gate/up).
 
 SKIP = "skip"
 _L = r"(?:encoder\.layers|blocks)\.(\d+)\."  # one pattern for both HF and timm block prefixes
@@ -1038,7 +1038,8 @@ def load_official(ckpt: str, vision: str, llm: str, image_tokens: int = 144, dty
         model = VLM(VLMConfig(v.config, c, image_tokens))
     model.vision = v
     llm_rules = ([(r"lm_head\.weight", SKIP)] if c.tie_embeddings else []) + QWEN_KEYS  # a tied head is stored twice
-    key_map = _mapper(("mlp_projector.", [(r"0\.(weight|bias)", r"fc1.\1"), (r"2\.(weight|bias)", r"fc2.\1")], "projector."),
-                      ("llm.model.", llm_rules, "llm."), ("llm.", llm_rules, "llm."))
+    proj_rules = [(r"0\.(weight|bias)", r"fc1.\1"), (r"2\.(weight|bias)", r"fc2.\1")]  # Sequential(fc1, GELU, fc2)
+    key_map = _mapper(("mlp_projector.", proj_rules, "projector."), ("llm.model.", llm_rules, "llm."),
+                      ("llm.", llm_rules, "llm."))
     tensors = [(ckpt, k, t) for part in ("projector", "llm_backbone") for k, t in sd[part].items()]
     return load_into(model, tensors, key_map, dtype)

@@ -523,3 +523,29 @@ def test_activation_checkpointing_changes_nothing():
         grads.append((loss.detach(), [p.grad.clone() for p in net.llm.parameters()]))
     assert torch.equal(grads[0][0], grads[1][0])
     assert all(torch.allclose(a, c, atol=1e-7) for a, c in zip(grads[0][1], grads[1][1]))
+
+
+def test_siglip_configs_from_sparse_hf_json():
+    """Hub SigLIP config.json files leave out the keys at transformers' defaults; reading one gives the same config
+    as reading transformers' complete dict."""
+    vision = {"hidden_size": 1152, "image_size": 384, "intermediate_size": 4304, "model_type": "siglip_vision_model",
+              "num_attention_heads": 16, "num_hidden_layers": 27, "patch_size": 14}
+    text = {"hidden_size": 1152, "intermediate_size": 4304, "model_type": "siglip_text_model",
+            "num_attention_heads": 16, "num_hidden_layers": 27}
+    full_vision = transformers.SiglipVisionConfig(**vision).to_dict()
+    full_text = transformers.SiglipTextConfig(**text).to_dict()
+    assert M.VisionConfig.from_hf(vision) == M.VisionConfig.from_hf(full_vision)
+    assert M.TextConfig.from_hf(text) == M.TextConfig.from_hf(full_text)
+    assert M.VisionConfig.from_hf(vision) == M.VisionConfig(use_head=True)  # so400m, tanh GELU as HF says
+    assert M.TextConfig.from_hf(text).projection_size == 1152  # defaults to the width
+
+
+def test_load_image_palette_transparency_on_white():
+    import io
+
+    from PIL import Image
+    img = Image.new("P", (3, 2), 0)
+    img.putpalette([10, 20, 30] * 256)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", transparency=0)  # palette index 0 is transparent
+    assert M.load_image(buf.getvalue()).getpixel((0, 0)) == (255, 255, 255)
