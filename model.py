@@ -908,10 +908,9 @@ def read_tensors(d: str):
     """(file, name, tensor) for every tensor of a safetensors file or a checkpoint directory (sharded or not), read
     lazily: safetensors mmaps."""
     from safetensors import safe_open
-    index = os.path.join(d, "model.safetensors.index.json")
     if os.path.isfile(d):
         files = [d]
-    elif os.path.isfile(index):
+    elif os.path.isfile(index := os.path.join(d, "model.safetensors.index.json")):
         with open(index) as f:
             files = sorted({os.path.join(d, v) for v in json.load(f)["weight_map"].values()})
     elif not (files := sorted(os.path.join(d, f) for f in os.listdir(d) if f.endswith(".safetensors"))):
