@@ -14,6 +14,7 @@ import io
 import json
 import math
 import os
+import re
 import typing
 import warnings
 from dataclasses import dataclass, field
@@ -869,7 +870,6 @@ TEXT_KEYS = SIGLIP_BLOCK_KEYS + [
 def _mapper(*tables):
     """(checkpoint prefix, rules, our prefix) tables -> name -> (our name, part, parts) | SKIP | None (unknown).
     A rule with a part list fuses tensors: the `part` group says which slice of our tensor this one is."""
-    import re
     compiled = [(pre, re.compile(r[0]), r[1], r[2] if len(r) > 2 else None, ours)
                 for pre, rules, ours in tables for r in rules]
 
