@@ -815,13 +815,15 @@ def save_vlm(out_dir: str, config: VLMConfig, state: dict):
     path = os.path.join(out_dir, "model.safetensors")
     save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, path + ".tmp", metadata={"format": "pt"})
     os.replace(path + ".tmp", path)
-    _write_json(os.path.join(out_dir, "config.json"), {"model_type": "open-qwen2vl", **dataclasses.asdict(config)})
+    write_json(os.path.join(out_dir, "config.json"), {"model_type": "open-qwen2vl", **dataclasses.asdict(config)})
 
 
-def _write_json(path: str, obj):
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(path + ".tmp", path)
+def write_json(path: str, obj):
+    """Atomic: written under a hidden temp name, then renamed, so a reader sees the old file or the whole new one."""
+    tmp = os.path.join(os.path.dirname(path), "." + os.path.basename(path) + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
 
 
 # -----------------------------------------------------------------------------------------------------------------

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
-from model import IMAGE_ID, MAX_IMAGE_PIXELS, Tokenizer, caption_tokens, interleaved_tokens, parse_config
+from model import IMAGE_ID, MAX_IMAGE_PIXELS, Tokenizer, caption_tokens, interleaved_tokens, parse_config, write_json
 
 
 @dataclass
@@ -328,13 +328,6 @@ def tar_member(name: str, data: bytes) -> bytes:
     return bytes(h) + data + bytes(-len(data) % 512)
 
 
-def _dump(path: str, obj):
-    tmp = os.path.join(os.path.dirname(path), "." + os.path.basename(path) + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)  # atomic: readers see the old file or the whole new one
-
-
 def pack_shard(src: str, out_dir: str, name: str, cfg: PackConfig, tok: Tokenizer, settings: dict) -> dict:
     """Pack one input shard into out_dir/name.tar, then write out_dir/name.stats.json. Returns the stats."""
     T, C = cfg.image_tokens, cfg.seq_len
@@ -378,7 +371,7 @@ def pack_shard(src: str, out_dir: str, name: str, cfg: PackConfig, tok: Tokenize
              "images": sum(len(d.images) for d in docs), "dropped_images": counts["dropped_images"],
              "broken_tar": broken, **settings, "bytes": os.path.getsize(path), "row_offsets": offsets,
              "row_tokens": [sum(lengths[i] for i in row) for row in rows]}
-    _dump(os.path.join(out_dir, name + ".stats.json"), stats)
+    write_json(os.path.join(out_dir, name + ".stats.json"), stats)
     return stats
 
 
@@ -488,7 +481,7 @@ def main(argv: list[str] | None = None) -> dict:
     total.update(fill=total["tokens"] / (total["rows"] * cfg.seq_len) if total["rows"] else 0.0,
                  skipped=dict(sorted(skipped.items())), shards=len(names),
                  broken_tars=[s["source"] for s in shards if s["broken_tar"]], **settings)
-    _dump(os.path.join(out, "stats.json"), total)
+    write_json(os.path.join(out, "stats.json"), total)
     print(f"pack: {total['samples_in']:,} samples -> {total['docs_out']:,} documents ({total['truncated_docs']:,} "
           f"truncated) in {total['rows']:,} rows of {cfg.seq_len}, fill {total['fill']:.2%}; skipped "
           f"{sum(skipped.values()):,}: {dict(skipped)}; broken tars: {total['broken_tars'] or 'none'}")

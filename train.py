@@ -253,7 +253,7 @@ def save_checkpoint(net, opt, out: str, step: int, meta: dict, keep: int):
                else torch.zeros(0, dtype=torch.uint8)}, os.path.join(tmp, f"rng_{rank}.pt"))
     dist.barrier()
     if rank == 0:
-        M._write_json(os.path.join(tmp, "meta.json"), meta)
+        M.write_json(os.path.join(tmp, "meta.json"), meta)
         os.rename(tmp, path)  # atomic: a checkpoint dir without .tmp is complete
         for old in checkpoint_dirs(out)[:-keep]:
             shutil.rmtree(old)
@@ -392,7 +392,7 @@ def run(cfg, rank, world, device, stage):
     metrics_path = os.path.join(cfg.out, "metrics.jsonl")
     if rank == 0:
         os.makedirs(cfg.out, exist_ok=True)
-        M._write_json(os.path.join(cfg.out, "config.json"), {"stage": stage, "config": dataclasses.asdict(cfg),
+        M.write_json(os.path.join(cfg.out, "config.json"), {"stage": stage, "config": dataclasses.asdict(cfg),
                                                               "model": dataclasses.asdict(mcfg), "commit": git_commit(),
                                                               "world_size": world, "data": stats})
         kept = open(metrics_path).readlines() if start and os.path.exists(metrics_path) else []
