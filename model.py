@@ -796,9 +796,12 @@ class VLM(nn.Module):
         official code initializes it."""
         torch.manual_seed(seed)
         for name, p in self.named_parameters():
-            norm = isinstance(self.get_submodule(name.rpartition(".")[0]), (nn.LayerNorm, RMSNorm))
-            nn.init.ones_(p) if norm and name.endswith("weight") else nn.init.zeros_(p) if name.endswith("bias") \
-                else nn.init.normal_(p, std=0.02)
+            if name.endswith("bias"):
+                nn.init.zeros_(p)
+            elif isinstance(self.get_submodule(name.rpartition(".")[0]), (nn.LayerNorm, RMSNorm)):
+                nn.init.ones_(p)
+            else:
+                nn.init.normal_(p, std=0.02)
         self.projector.init_weights()
         return self
 
