@@ -129,7 +129,8 @@ def interleaved_tokens(tok: Tokenizer, items: list[str | None]) -> list[int]:
 SYSTEM_PROMPT = "You are a helpful assistant."
 
 
-def chat_tokens(tok: Tokenizer, turns: list[dict], style: str = "qwen2") -> tuple[list[int], list[int]]:
+def chat_tokens(tok: Tokenizer, turns: list[dict], style: str = "qwen2", system: str | None = None,
+                generation_prompt: bool = False) -> tuple[list[int], list[int]]:
     """SFT conversation (LLaVA format: [{"from": "human"|"gpt", "value": str}, ...]) -> (ids, targets-before-shift).
     Only assistant replies and their end markers are supervised; `labels[i]` is IGNORE or ids[i].
 
@@ -139,9 +140,14 @@ def chat_tokens(tok: Tokenizer, turns: list[dict], style: str = "qwen2") -> tupl
       5e3cb34, §1.8): image first, then `\\n<s>`, no `<|im_start|>` before `assistant`, no newline after it:
       [image]\\n<s><|im_start|>system\\n{sys}<|im_end|>\\n<|im_start|>user\\n\\n{q}<|im_end|>assistant{a}<|im_end|>\\n
       Supported so that fine-tuning or evaluating the released weights uses the format they saw.
+    `system` replaces SYSTEM_PROMPT. generation_prompt=True: the turns end with a user turn and the ids end after
+    the assistant header, for generation; otherwise the last turn must be the assistant's.
     """
     if style not in ("qwen2", "release"):
         raise ValueError(f"unknown chat style {style!r} (qwen2 or release)")
+    if len(turns) % 2 != generation_prompt:
+        raise ValueError(f"{len(turns)} turns: a {'generation prompt' if generation_prompt else 'conversation'} ends "
+                         f"with a {'user turn' if generation_prompt else 'reply'}")
     ids, labels = [], []
 
     def add(piece: list[int], supervised: bool):
@@ -153,8 +159,8 @@ def chat_tokens(tok: Tokenizer, turns: list[dict], style: str = "qwen2") -> tupl
         if n_images != 1:
             raise ValueError("style='release' supports exactly one image per conversation")
         add([IMAGE_ID] + tok.encode("\n"), False)
-    add([tok.bos_id, tok.im_start_id] + tok.encode(f"system\n{SYSTEM_PROMPT}") + [tok.eos_id] + tok.encode("\n"),
-        False)
+    system = SYSTEM_PROMPT if system is None else system
+    add([tok.bos_id, tok.im_start_id] + tok.encode(f"system\n{system}") + [tok.eos_id] + tok.encode("\n"), False)
     for k, turn in enumerate(turns):
         role = turn.get("from")
         if role not in (("human", "user") if k % 2 == 0 else ("gpt", "assistant")):
