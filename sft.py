@@ -42,6 +42,7 @@ import model as M
 import pack
 import toyworld
 import train
+import weights as W
 
 
 @dataclass
@@ -353,12 +354,14 @@ def prepare(cfg: Config, rank: int) -> tuple[str, str]:
                          "use --no-pack for plain causal rows")
     if cfg.chat_style not in ("qwen2", "release"):
         raise SystemExit(f"sft: --chat-style is qwen2 or release, not {cfg.chat_style!r}")
-    if not os.path.exists(cfg.init):
-        hint = ": run `python train.py` first" if cfg.init == Config.init else ""
-        raise SystemExit(f"sft: no pre-trained model at --init {cfg.init!r}{hint}")
-    tok = cfg.tokenizer or os.path.join(cfg.init, "tokenizer.json")
+    try:  # what weights.load_vlm will load (a dir, a file, or a hub id)
+        init = W.resolve(cfg.init, ("config.json", "tokenizer.json"))
+    except FileNotFoundError as e:
+        hint = "run `python train.py` first" if cfg.init == Config.init else "--init names the pre-trained VLM"
+        raise SystemExit(f"sft: no pre-trained model at --init {cfg.init!r}: {hint} ({e})") from None
+    tok = cfg.tokenizer or os.path.join(init if os.path.isdir(init) else os.path.dirname(init), "tokenizer.json")
     if not os.path.isfile(tok):
-        raise SystemExit(f"sft: no tokenizer.json in --init {cfg.init}: pass --tokenizer")
+        raise SystemExit(f"sft: no tokenizer.json beside --init {cfg.init}: pass --tokenizer")
     if rank == 0:
         prepare_rows(cfg, tok)
     if dist.is_initialized():

@@ -175,7 +175,7 @@ class MicroBatches(torch.utils.data.IterableDataset):
 
 def build_model(cfg: Config, vocab: int, device) -> M.VLM:
     if cfg.init:
-        net = M.VLM.from_pretrained(cfg.init, image_tokens=cfg.image_tokens)
+        net = W.load_vlm(cfg.init, cfg.vision or None, cfg.llm or None, image_tokens=cfg.image_tokens)
     elif cfg.vision and cfg.llm:
         net = W.build_vlm(cfg.vision, cfg.llm, cfg.image_tokens, act=cfg.vision_act)
     else:  # random init, identical on every rank (same seed, full model), so any world size starts the same
