@@ -76,7 +76,8 @@ class Config(train.Config):
 
 # paper: about the official 128 conversations a step at LLaVA-665k's lengths (bench/sft.py measures conversations
 # per packed 4096-token row on LLaVA-665k-like lengths: 3.9, so 32 rows)
-PRESETS = {"tiny": {}, "paper": dict(seq_len=4096, global_batch=32, micro_batch=1, lr=2e-5, weight_decay=0.1,
+PRESETS = {"tiny": dict(steps=64, attention="mask"),  # ~3,600 of the toy's 10,000 conversations: minutes on a CPU
+           "paper": dict(seq_len=4096, global_batch=32, micro_batch=1, lr=2e-5, weight_decay=0.1,
                                      warmup=0.03, ac=True, init="")}
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 GROUP = 128  # --no-pack: conversations sorted by length within consecutive groups of this many (the official gbs)

@@ -153,10 +153,11 @@ def main():
 # GPU section (bench/gpu.py calls it): the paper's model and shapes, random weights (nothing can be downloaded there)
 
 
-def gpu_section_sft(smoke: bool) -> dict:
+def gpu_section_sft(smoke: bool, device: str = "cuda") -> dict:
     """Packed vs --no-pack SFT on one GPU at seq 4096 and 729 tokens per image: supervised tokens/s, MFU, peak
-    memory, fill. smoke=True: 2 decoder layers, 2 vision blocks, few rows (checks that it runs, not its speed)."""
-    dev, dtype = torch.device("cuda"), torch.bfloat16
+    memory, fill. smoke=True: 2 decoder layers, 3 vision blocks, 8 conversations (that it runs, not its speed)."""
+    dev, dtype = torch.device(device), torch.bfloat16
+    sync = torch.cuda.synchronize if dev.type == "cuda" else lambda: None
     c = M.preset("paper")
     c.image_tokens = 729
     if smoke:
@@ -170,7 +171,7 @@ def gpu_section_sft(smoke: bool) -> dict:
     net.llm.checkpointing = True
     rng, vocab = np.random.default_rng(0), 151000
     convs = []
-    for image, rounds in llava_like(32 if smoke else 256, 0):  # token-level conversations in the qwen2 layout
+    for image, rounds in llava_like(8 if smoke else 256, 0):  # token-level conversations in the qwen2 layout
         ids, labels = [1] + ([M.IMAGE_ID] if image else []), [M.IGNORE] * (1 + image)
         for q, a in rounds:
             ids += rng.integers(3, vocab, q + 5).tolist()
@@ -192,21 +193,23 @@ def gpu_section_sft(smoke: bool) -> dict:
             [t for _, lab, _ in r for t in lab]), "doc_lengths": [len(i) for i, _, _ in r],
             "images": [img] * sum(k for _, _, k in r), "shard": "", "row": 0} for r in rows[s: s + mb]], cfg, 384, 0)
             for s in range(0, len(rows), mb)]
-        torch.cuda.reset_peak_memory_stats()
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
         for k, b in enumerate(batches[:1] + batches):  # the first is a warm-up
             if k == 1:
-                torch.cuda.synchronize()
+                sync()
                 t = time.perf_counter()
             loss = net(b["input_ids"].to(dev), M.normalize_pixels(b["pixels"].to(dev), dtype) if b["n_images"]
                        else None, b["doc_lens"], b["targets"].to(dev)) / b["n_sup"]
             loss.backward()
             net.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
+        sync()
         dt = time.perf_counter() - t
         sup = sum(b["n_sup"] for b in batches)
         out[mode] = {"sup_tok_per_s": sup / dt, "mfu": sum(train.flops(c, b, False) for b in batches) / dt / peak,
                      "fill": sum(b["n_tokens"] for b in batches) / sum(b["input_ids"].numel() for b in batches),
-                     "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30, "micro_batch": mb}
+                     "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else 0.0,
+                     "micro_batch": mb}
     out["ratio"] = out["pack"]["sup_tok_per_s"] / out["no-pack"]["sup_tok_per_s"]
     return out
 

@@ -341,3 +341,26 @@ def test_resume_after_sigkill_is_exact(toy_world, init, tmp_path):
     assert losses(tmp_path / "killed") == losses(tmp_path / "whole")
     a, b = (load_file(str(tmp_path / r / "final" / "model.safetensors")) for r in ("whole", "killed"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_generation_prompt_ends_after_the_assistant_header(tok):
+    turns = KINDS["multi_turn"][0]["conversations"]
+    for style in ("qwen2", "release"):
+        full, _ = M.chat_tokens(tok, turns[:2], style)
+        prompt, labels = M.chat_tokens(tok, turns[:1], style, generation_prompt=True)
+        assert full[: len(prompt)] == prompt and all(lab == M.IGNORE for lab in labels)
+        assert tok.decode(full[len(prompt):], skip_special=False) == "a red circle<|im_end|>\n"
+    with pytest.raises(ValueError, match="ends with a reply"):
+        M.chat_tokens(tok, turns[:3])
+    with pytest.raises(ValueError, match="ends with a user turn"):
+        M.chat_tokens(tok, turns[:2], generation_prompt=True)
+
+
+def test_text_share_recipe(toy_world, init, tmp_path):
+    src = os.path.join(toy_world, "sft", "sft.json")
+    n_text = sum("image" not in r for r in json.load(open(src)))
+    cfg = config(init, tmp_path / "run", "--data", src, "--text-share", "0.25", "--seq-len", "1024")
+    stats = sft.prepare_rows(cfg, os.path.join(init, "tokenizer.json"))
+    text = sum(1 for row in pack.read_packed(cfg.prepared) for i, n in zip(
+        np.cumsum([0] + row["doc_lengths"][:-1]), row["doc_lengths"]) if M.IMAGE_ID not in row["input_ids"][i: i + n])
+    assert n_text > 0 and text / stats["docs_out"] == pytest.approx(0.25, abs=0.03)
