@@ -74,8 +74,8 @@ class Config(train.Config):
         return {"chat_style": self.chat_style, "system_prompt": self.system or M.SYSTEM_PROMPT}
 
 
-# paper: about the official 128 conversations a step at LLaVA-665k's lengths (bench/sft.py measures conversations
-# per packed 4096-token row on LLaVA-665k-like lengths: 3.9, so 32 rows)
+# paper: about the official 128 conversations a step at LLaVA-665k's lengths: on a LLaVA-665k-like set (bench/sft.py,
+# 729 + ~300 tokens a conversation) a packed 4096-token row holds 3.74 conversations, so 32 rows hold ~120
 PRESETS = {"tiny": dict(steps=64, attention="mask"),  # ~3,600 of the toy's 10,000 conversations: minutes on a CPU
            "paper": dict(seq_len=4096, global_batch=32, micro_batch=1, lr=2e-5, weight_decay=0.1,
                                      warmup=0.03, ac=True, init="")}
@@ -122,6 +122,8 @@ def read_source(path: str):
                 data = json.load(f)
             except ValueError as e:
                 raise SystemExit(f"sft: {path}: not valid JSON ({e})") from None
+            if not isinstance(data, list):
+                raise SystemExit(f"sft: {path}: a JSON source is a list of conversations, not {type(data).__name__}")
             yield from enumerate(data)
             return
         for i, line in enumerate(f):
