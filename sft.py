@@ -345,7 +345,7 @@ def prepare_rows(cfg: Config, tok_path: str) -> dict:
     M.write_json(top, total)
     print(f"sft: {total['conversations_in']:,} conversations in == {total['used']:,} used + "
           f"{sum(skipped.values()):,} skipped {dict(skipped)} (first ids: {first}); {total['truncated']:,} "
-          f"truncated; {total['docs_out']:,} copies in {total['rows']:,} rows of {cfg.seq_len}, fill "
+          f"truncated; {total['docs_out']:,} copies in {total['rows']:,} rows of {cfg.seq_len}, filled to "
           f"{total['fill']:.1%}, {total['supervised']:,} supervised tokens")
     return total
 

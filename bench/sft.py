@@ -81,26 +81,30 @@ def write_llava_set(d: str, tok: M.Tokenizer, n: int, seed: int) -> str:
 
 
 def run_set(name: str, net: M.VLM, cfg: Config, tok_path: str, data: str, seq_len: int, image_tokens: int):
-    """Prepare `data` both ways, then time forward + backward over all of it; print and return the figures."""
-    res, tmp, image_size = {}, tempfile.mkdtemp(prefix=f"bench-sft-{name}-"), net.config.vision.image_size
-    pad_id = M.Tokenizer(tok_path).pad_id
+    """Prepare `data` both ways, then time forward + backward over all of it, the two sides' micro-batches
+    interleaved (so that machine noise hits both alike); print and return the figures."""
+    res, batches, tmp = {}, {}, tempfile.mkdtemp(prefix=f"bench-sft-{name}-")
+    pad_id, image_size = M.Tokenizer(tok_path).pad_id, net.config.vision.image_size
     for mode in ("pack", "no-pack"):
         sc = M.parse_config(sft.Config, ["--data", data, "--init", tmp, "--out", os.path.join(tmp, mode), "--seq-len",
                                          str(seq_len), "--image-tokens", str(image_tokens), f"--{mode}"], sft.PRESETS)
         stats = sft.prepare_rows(sc, tok_path)
         rows = list(sft.pack.read_packed(sc.prepared))
-        per_row = stats["docs_out"] / stats["rows"]
         mb = cfg.micro_batch if mode == "pack" else max(1, round(cfg.micro_batch * res["pack"]["per_row"]))
-        batches = [train.make_batch(rows[i: i + mb], sc, image_size, pad_id) for i in range(0, len(rows), mb)]
-        step(net, batches[0])  # warm-up
-        t = time.perf_counter()
-        for b in batches:
-            step(net, b)
-        dt = time.perf_counter() - t
-        sup, real = sum(b["n_sup"] for b in batches), sum(b["n_tokens"] for b in batches)
-        slots = sum(b["input_ids"].numel() for b in batches)
-        res[mode] = dict(sup_per_s=sup / dt, fill=real / slots, per_row=per_row, rows=stats["rows"], batch=mb,
-                         seconds=dt, supervised=sup)
+        batches[mode] = [train.make_batch(rows[i: i + mb], sc, image_size, pad_id) for i in range(0, len(rows), mb)]
+        res[mode] = dict(per_row=stats["docs_out"] / stats["rows"], rows=stats["rows"], batch=mb, seconds=0.0)
+    step(net, batches["pack"][0])  # warm-up
+    for k in range(max(map(len, batches.values()))):
+        for mode, bs in batches.items():
+            if k < len(bs):
+                t = time.perf_counter()
+                step(net, bs[k])
+                res[mode]["seconds"] += time.perf_counter() - t
+    for mode, bs in batches.items():
+        v = res[mode]
+        v.update(supervised=sum(b["n_sup"] for b in bs), fill=sum(b["n_tokens"] for b in bs) / sum(
+            b["input_ids"].numel() for b in bs))
+        v["sup_per_s"] = v["supervised"] / v["seconds"]
     r = res["pack"]["sup_per_s"] / res["no-pack"]["sup_per_s"]
     print(f"{name}: {stats['conversations_in']} conversations, seq {seq_len}, {image_tokens} tokens per image")
     for mode, v in res.items():
