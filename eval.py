@@ -1,0 +1,1034 @@
+"""
+Evaluation (reference.md §5, ../shared/design/eval-rules.md, formats.md §1): the paper's eight benchmarks plus
+RealWorldQA and MUIRBench from VLMEvalKit's TSV files, generated with the KV cache and scored two ways, each named in
+every result: `paper` reproduces the Open-Qwen2VL harness (raw prompts, 16 greedy tokens that stop at "." "," "\\n",
+substring matching), `standard` the benchmarks' own rules (chat prompts, VLMEvalKit's prompts, circular MMBench).
+
+    python eval.py                                   # runs/sft/final on the toy world's sets, both styles
+    python eval.py --model runs/sft/final --data ~/LMUData --bench mmbench,pope --style standard --limit 200
+    torchrun --nproc_per_node=8 eval.py --model DIR --data ~/LMUData   # same results as one process
+    python eval.py compare runs/eval_a runs/eval_b [--style standard] [--json]   # McNemar per benchmark
+    python eval.py chat --model DIR --image a.jpg [--image b.jpg] "What is in the image?"
+
+Every scoring rule is a plain function in RULES, called with the keyword arguments eval-rules.md gives.
+"""
+from __future__ import annotations
+
+import ast
+import base64
+import csv
+import json
+import math
+import os
+import random
+import re
+import string
+import sys
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+
+import model as M
+
+# -----------------------------------------------------------------------------------------------------------------
+# TextVQA / VQA (eval-rules §1). m4c's EvalAIAnswerProcessor (= lmms-eval) and VLMEvalKit's process_answer differ in
+# two places: m4c splits "'s" off (word_tokenize) and its period regex has a broken lookbehind.
+
+CONTRACTIONS = dict(p.split("=") for p in """aint=ain't arent=aren't cant=can't couldve=could've couldnt=couldn't
+couldn'tve=couldn't've couldnt've=couldn't've didnt=didn't doesnt=doesn't dont=don't hadnt=hadn't hadnt've=hadn't've
+hadn'tve=hadn't've hasnt=hasn't havent=haven't hed=he'd hed've=he'd've he'dve=he'd've hes=he's howd=how'd howll=how'll
+hows=how's Id've=I'd've I'dve=I'd've Im=I'm Ive=I've isnt=isn't itd=it'd itd've=it'd've it'dve=it'd've itll=it'll
+let's=let's maam=ma'am mightnt=mightn't mightnt've=mightn't've mightn'tve=mightn't've mightve=might've mustnt=mustn't
+mustve=must've neednt=needn't notve=not've oclock=o'clock oughtnt=oughtn't ow's'at='ow's'at 'ows'at='ow's'at
+'ow'sat='ow's'at shant=shan't shed've=she'd've she'dve=she'd've she's=she's shouldve=should've shouldnt=shouldn't
+shouldnt've=shouldn't've shouldn'tve=shouldn't've somebody'd=somebodyd somebodyd've=somebody'd've
+somebody'dve=somebody'd've somebodyll=somebody'll somebodys=somebody's someoned=someone'd someoned've=someone'd've
+someone'dve=someone'd've someonell=someone'll someones=someone's somethingd=something'd somethingd've=something'd've
+something'dve=something'd've somethingll=something'll thats=that's thered=there'd thered've=there'd've
+there'dve=there'd've therere=there're theres=there's theyd=they'd theyd've=they'd've they'dve=they'd've
+theyll=they'll theyre=they're theyve=they've twas='twas wasnt=wasn't wed've=we'd've we'dve=we'd've weve=we've
+werent=weren't whatll=what'll whatre=what're whats=what's whatve=what've whens=when's whered=where'd wheres=where's
+whereve=where've whod=who'd whod've=who'd've who'dve=who'd've wholl=who'll whos=who's whove=who've whyll=why'll
+whyre=why're whys=why's wont=won't wouldve=would've wouldnt=wouldn't wouldnt've=wouldn't've wouldn'tve=wouldn't've
+yall=y'all yall'll=y'all'll y'allll=y'all'll yall'd've=y'all'd've y'alld've=y'all'd've y'all'dve=y'all'd've
+youd=you'd youd've=you'd've you'dve=you'd've youll=you'll youre=you're youve=you've""".split())
+NUMBERS = {w: str(i) for i, w in enumerate("zero one two three four five six seven eight nine ten".split())}
+NUMBERS["none"] = "0"
+PUNCT = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!"]
+PERIOD_M4C = re.compile(r"(?!<=\d)(\.)(?!\d)")  # sic: "(?!<=" is a lookahead, so "3.5." -> "3.5"
+PERIOD_VK = re.compile(r"(?<!\d)\.(?!\d)")
+
+
+def _punctuation(text: str, period: re.Pattern, comma: str) -> str:
+    out = text
+    for p in PUNCT:
+        out = out.replace(p, "" if (p + " " in text or " " + p in text or re.search(comma, text)) else " ")
+    return period.sub("", out, re.UNICODE)  # sic: re.UNICODE (32) lands in `count`
+
+
+def _digits_articles(text: str) -> str:
+    words = [NUMBERS.get(w, w) for w in text.lower().split()]
+    return " ".join(CONTRACTIONS.get(w, w) for w in words if w not in ("a", "an", "the"))
+
+
+def vqa_normalize(answer: str) -> str:
+    """m4c EvalAIAnswerProcessor (OQ util/evaluation/textvqa/m4c_evaluators.py = lmms-eval's)."""
+    answer = answer.lower().replace(",", "").replace("?", "").replace("'s", " 's").strip()
+    answer = answer.replace("\n", " ").replace("\t", " ").strip()
+    return _digits_articles(_punctuation(answer, PERIOD_M4C, r"(?<=\d)(\,)+(?=\d)"))
+
+
+def _vqa_soft(pred: str, gts: list[str]) -> float:
+    """Mean over leave-one-out subsets of min(1, matches / 3) ("10 choose 9")."""
+    return sum(min(1.0, sum(g == pred for j, g in enumerate(gts) if j != i) / 3) for i in range(len(gts))) / len(gts)
+
+
+def vqa_accuracy(prediction: str, gt_answers: list[str]) -> float:
+    """m4c TextVQAAccuracyEvaluator: prediction and every GT through vqa_normalize."""
+    return _vqa_soft(vqa_normalize(prediction), [vqa_normalize(a) for a in gt_answers])
+
+
+def _vk_answer(a: str) -> str:
+    a = a.replace("\n", " ").replace("\t", " ").strip()
+    return _digits_articles(_punctuation(a, PERIOD_VK, r"(\d)(,)(\d)"))
+
+
+def vqa_accuracy_vlmevalkit(prediction: str, gt_answers: list[str]) -> float:
+    """VLMEvalKit dataset/utils/vqa_eval.py process_answer + process_line(vqa_score): no "'s" split, fixed period
+    regex."""
+    return _vqa_soft(_vk_answer(prediction), [_vk_answer(a) for a in gt_answers])
+
+
+def vqa_harness_postprocess(generation: str) -> str:
+    """OQ harnesses' output expression: deletes every "\\n", "." and "," (so "3.5" -> "35")."""
+    return generation.replace("\n", "").replace(".", "").replace(",", "").lower().split("<|endofchunk|>")[0]
+
+
+def textvqa_oq_score(generation: str, gt_answers: list[str]) -> float:
+    return vqa_accuracy(prediction=vqa_harness_postprocess(generation), gt_answers=gt_answers)
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Multiple choice (eval-rules §4-6, 8): OQ's substring tests and VLMEvalKit's can_infer.
+
+REFUSALS = ("Sorry, I can't help with images of people yet.", "I can't process this file.",
+            "I'm sorry, but without the image provided", "Cannot determine the answer")
+ANSWER_IS = re.compile(r"(?i)(?:correct\s+)?answer\s+is\s+\**([ABCD])\**")
+
+
+def mc_correct_oq_substring(response: str, gt: str) -> bool:
+    return gt.lower() in response.lower()  # sic: GT "A" matches "The answer is (B)." through "answer"
+
+
+def mc_correct_oq_substring_cs(response: str, gt: str) -> bool:
+    return gt in response
+
+
+def mc_choice_extract(response: str, choices: dict):
+    """VLMEvalKit utils/matching_util.py can_infer: can_infer_option, then can_infer_text. A letter, "Z" (refusal)
+    or False (nothing inferred: scored wrong under exact matching)."""
+    response = str(response)
+    if any(r in response for r in REFUSALS):
+        return "Z"
+    mod = response
+    for c in ".()[],:;!*#{}":
+        mod = mod.replace(c, " ")
+    splits = mod.split()
+    found = [c for c in choices if c in splits]
+    if len(found) == 1 and splits.index(found[0]) > len(splits) - 5:
+        return found[0]
+    if not found and "Z" in splits:
+        return "Z"
+    m = ANSWER_IS.search(response)
+    if m and m.group(1).upper() in choices:
+        return m.group(1).upper()
+    low, texts = response.lower(), {k: str(v).lower() for k, v in choices.items()}
+    if len(response) <= 2 * sum(map(len, texts.values())):
+        hits = [k for k, v in texts.items() if v in low]
+        if len(hits) == 1:
+            return hits[0]
+    return False
+
+
+def mmbench_rowwise_oq(rows: list[dict]) -> float:
+    """OQ MMBenchScorer: substring test per row, mean over every row (circular copies included)."""
+    return sum(mc_correct_oq_substring(response=r["prediction"], gt=r["answer"]) for r in rows) / len(rows)
+
+
+def mmbench_circular(rows: list[dict]) -> dict:
+    """VLMEvalKit mcq_circular_eval (exact matching): question q scores 1 iff the extracted letter equals the answer
+    in every rotation (index % 1_000_000 == q). Mean over the questions."""
+    hit = {}
+    for r in rows:
+        q = str(int(r["index"]) % 1_000_000)
+        choices = {c: r[c] for c in string.ascii_uppercase if r.get(c) is not None}
+        ok = mc_choice_extract(response=r["prediction"], choices=choices) == r["answer"]
+        hit[q] = int(hit.get(q, 1) and ok)
+    return {"per_question_hit": hit, "accuracy": sum(hit.values()) / len(hit) if hit else 0.0}
+
+
+def ai2d_correct_oq(mc_probabilities, ground_truth_answer) -> bool:
+    """OQ AI2DScorer: argmax of the A-D probabilities (ties to the lower index) equals the answer's index."""
+    probs = list(mc_probabilities)
+    return probs.index(max(probs)) == int(ground_truth_answer)
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# MMMU (eval-rules §7): the OQ/lmms-eval parser and MMMU's official one differ in how a bare letter is found.
+
+
+def _mmmu_parse(response, all_choices, index2ans, official: bool, seed):
+    for ch in [",", ".", "!", "?", ";", ":", "'"]:
+        response = response.strip(ch)
+    response = " " + response + " "
+    cands = [c for c in all_choices if f"({c})" in response]
+    how = "brackets" if cands else "letter"
+    if not cands:
+        cands = [c for c in all_choices if (f" {c} " if official else f"{c} ") in response]
+    if not cands and not official:
+        cands = [c for c in all_choices if f"{c}." in response]
+    if not cands and len(response.split()) > 5:
+        cands, how = [c for c in all_choices if index2ans[c].lower() in response.lower()], "text"
+    if not cands:  # the reference draws from an unseeded (OQ) or import-seeded (MMMU) global RNG; ours is per call
+        return random.Random(seed).choice(all_choices)
+    if len(cands) == 1:
+        return cands[0]
+    pos = [response.rfind(f"({c})") if how == "brackets" else response.rfind(f" {c} ") if how == "letter"
+           else response.lower().rfind(index2ans[c].lower()) for c in cands]
+    return cands[pos.index(max(pos))]
+
+
+def mmmu_parse_multi_choice(response: str, all_choices: list, index2ans: dict, seed=42) -> str:
+    """OQ MMMUScorer.parse_multi_choice_response (= lmms-eval): "(X)", then "X ", then "X.", then option text."""
+    return _mmmu_parse(response, all_choices, index2ans, False, seed)
+
+
+def mmmu_parse_multi_choice_official(response: str, all_choices: list, index2ans: dict, seed=42) -> str:
+    """MMMU eval/eval_utils.py parse_multi_choice_response: "(X)", then " X ", then option text."""
+    return _mmmu_parse(response, all_choices, index2ans, True, seed)
+
+
+def _is_number(s: str) -> bool:
+    try:
+        float(s.replace(",", ""))
+        return True
+    except ValueError:
+        return False
+
+
+def _normalize_str(s: str) -> list:
+    s = s.strip()
+    if _is_number(s):
+        return [round(float(s.replace(",", "")), 2)]
+    s = s.lower()
+    return [" " + s, s + " "] if len(s) == 1 else [s]
+
+
+NUM_PATTERNS = (r"-?\b\d{1,3}(?:,\d{3})+\b", r"-?\d+(?:\.\d+)?[eE][+-]?\d+", r"-?(?:\d+\.\d+|\.\d+|\d+)(?![eE][+-]?\d+)(?![,\d])")
+KEY_INDICATORS = ["could be ", "so ", "is ", "thus ", "therefore ", "final ", "answer ", "result "]
+
+
+def mmmu_parse_open(response: str) -> list:
+    """MMMU / OQ parse_open_response: key-phrase tails, every number, normalised. Compare as a set."""
+    response = response.strip().strip(".").lower()
+    parts, keys = re.split(r"\.\s(?=[A-Z])|\n", response), []
+    for i, part in enumerate(parts):
+        shortest = None
+        for ind in KEY_INDICATORS + (["="] if i == len(parts) - 1 else []):
+            if ind in part:
+                tail = part.split(ind)[-1].strip()
+                shortest = tail if not shortest or len(tail) < len(shortest) else shortest
+        if shortest and shortest.strip() not in [":", ",", ".", "!", "?", ";", ":", "'"]:
+            keys.append(shortest)
+    keys = keys or [response]
+    preds = keys + [n for k in keys for p in NUM_PATTERNS for n in re.findall(p, k)]
+    return list({x for p in preds for x in _normalize_str(p)})
+
+
+def mmmu_open(gold, response: str) -> bool:
+    """eval_open(gold, parse_open_response(response)): a string pred is right if some string gold is a substring
+    of it; a number if it is among the gold numbers."""
+    golds = [x for g in gold for x in _normalize_str(g)] if isinstance(gold, list) else _normalize_str(gold)
+    for p in mmmu_parse_open(response):
+        if isinstance(p, str) and any(isinstance(g, str) and g in p for g in golds):
+            return True
+        if not isinstance(p, str) and p in golds:
+            return True
+    return False
+
+
+def mmmu_eval_multi_choice(gold, pred) -> bool:
+    return pred in gold if isinstance(gold, list) else gold == pred
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# MathVista (eval-rules §9). OQ scores every item with MMMU's eval_open (a bug); the official pipeline extracts,
+# normalises and compares strings. The LLM extraction step is not implemented: where it would run, the response
+# itself goes on to normalisation (said in every report).
+
+
+def mathvista_correct_oq(model_output: str, ground_truth_answer, answer_type: str) -> bool:
+    """OQ's runner stores answer_type where the scorer reads question_type, so "multi_choice" never occurs."""
+    return mmmu_open(gold=str(ground_truth_answer), response=model_output)
+
+
+def mathvista_extract_rule(response: str, problem: dict) -> str:
+    if response == "":
+        return ""
+    if problem["question_type"] == "multi_choice" and response in problem["choices"]:
+        return response
+    for kind, conv in (("integer", lambda r: str(int(r))), ("float", lambda r: str(float(r)))):
+        if problem["answer_type"] == kind:
+            try:
+                return conv(response)
+            except ValueError:
+                pass
+    m = re.search(r'The answer is "(.*)"\.', response)  # --quick_extract
+    return m.group(1) if m else response  # the reference asks an LLM here
+
+
+def _levenshtein(a: str, b: str) -> int:
+    row = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        prev, row[0] = row[0], i
+        for j, cb in enumerate(b, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (ca != cb))
+    return row[-1]
+
+
+def mathvista_normalize(extraction, choices, question_type, answer_type, precision):
+    """MathVista calculate_score.py normalize_extracted_answer; None = not parseable."""
+    if question_type == "multi_choice":
+        extraction = extraction.strip() if isinstance(extraction, str) else str(extraction)
+        letter = re.findall(r"\(([a-zA-Z])\)", extraction)
+        extraction = letter[0].upper() if letter else extraction
+        options = [chr(ord("A") + i) for i in range(len(choices))]
+        if extraction in options:
+            return choices[options.index(extraction)]
+        d = [_levenshtein(extraction, c) for c in choices]
+        return choices[d.index(min(d))]
+    try:
+        if answer_type == "integer":
+            return str(int(float(extraction)))
+        if answer_type == "float":
+            return str(round(float(extraction), int(precision)))
+        if answer_type == "list":
+            return str(extraction)
+    except (ValueError, TypeError):
+        return None
+    return extraction
+
+
+def mathvista_correct_official(response: str, problem: dict, answer, precision) -> bool:
+    ext = mathvista_extract_rule(response=response, problem=problem)
+    norm = mathvista_normalize(extraction=ext, choices=problem.get("choices") or [],
+                               question_type=problem["question_type"], answer_type=problem["answer_type"],
+                               precision=precision)
+    return norm == answer  # safe_equal
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# POPE (eval-rules §10)
+
+
+def pope_parse_oq(response: str):
+    label = response.strip(",").strip(".").lower()
+    return label if label in ("yes", "no") else None
+
+
+def pope_parse_official(response: str) -> str:
+    """POPE evaluate.py (= LLaVA eval_pope.py): first sentence; "no" iff a token is No/no/not, else "yes"."""
+    words = response.split(".")[0].replace(",", "").split(" ")
+    return "no" if any(w in ("No", "no", "not") for w in words) else "yes"
+
+
+def pope_parse_vlmevalkit(response: str) -> str:
+    words = _punctuation(response.lower(), PERIOD_VK, r"(\d)(,)(\d)").split()
+    return "Yes" if "yes" in words and "no" not in words else "No" if "no" in words and "yes" not in words \
+        else "Unknown"
+
+
+def _confusion(pred_yes: list[bool], gt_yes: list[bool]) -> dict:
+    tp = sum(p and g for p, g in zip(pred_yes, gt_yes))
+    fp = sum(p and not g for p, g in zip(pred_yes, gt_yes))
+    tn = sum(not p and not g for p, g in zip(pred_yes, gt_yes))
+    fn = sum(not p and g for p, g in zip(pred_yes, gt_yes))
+    prec, rec = tp / (tp + fp) if tp + fp else 0.0, tp / (tp + fn) if tp + fn else 0.0
+    return {"accuracy": (tp + tn) / max(1, len(gt_yes)), "precision": prec, "recall": rec,
+            "f1": 2 * prec * rec / (prec + rec) if prec + rec else 0.0, "TP": tp, "FP": fp, "TN": tn, "FN": fn}
+
+
+def pope_metrics(predictions: list[str], labels: list[str]) -> dict:
+    """POPE evaluate.py on raw outputs. The reference raises on a zero precision/recall denominator; we give 0."""
+    pred = [pope_parse_official(response=p) == "yes" for p in predictions]
+    m = _confusion(pred, [str(g).lower() == "yes" for g in labels])
+    return {**m, "yes_ratio": sum(pred) / max(1, len(pred))}
+
+
+def pope_metrics_vlmevalkit(predictions: list[str], labels: list[str]) -> dict:
+    """VLMEvalKit POPE_rating "Overall" row (in %); Unknown counts as not-yes and wrong."""
+    ext = [pope_parse_vlmevalkit(response=p) for p in predictions]
+    m = _confusion([e == "Yes" for e in ext], [g == "Yes" for g in labels])
+    acc = sum(e == g for e, g in zip(ext, labels)) / max(1, len(ext))
+    return {"f1": 100 * m["f1"], "accuracy": 100 * acc, "precision": 100 * m["precision"],
+            "recall": 100 * m["recall"]}
+
+
+def pope_metrics_oq(splits: dict) -> dict:
+    """OQ PopeScorer: exact yes/no after the strip, accuracy and F1 (sklearn, yes = 1) per split; final = the
+    unweighted mean of the splits."""
+    out = {}
+    for name, s in splits.items():
+        parsed = [pope_parse_oq(response=o) for o in s["model_outputs"]]
+        gts = [str(g).lower() for g in s["labels"]]
+        out[f"POPE-{name}-Accuracy"] = sum(p == g for p, g in zip(parsed, gts)) / max(1, len(gts))
+        out[f"POPE-{name}-F1"] = _confusion([p == "yes" for p in parsed], [g == "yes" for g in gts])["f1"]
+    for k in ("Accuracy", "F1"):
+        vals = [out[f"POPE-{n}-{k}"] for n in splits]
+        out[f"POPE-final-{k}"] = sum(vals) / len(vals) if vals else 0.0
+    return out
+
+
+RULES = {f.__name__: f for f in (
+    vqa_harness_postprocess, vqa_normalize, vqa_accuracy, textvqa_oq_score, vqa_accuracy_vlmevalkit,
+    mc_correct_oq_substring, mc_correct_oq_substring_cs, mmbench_rowwise_oq, mc_choice_extract, mmbench_circular,
+    mmmu_parse_multi_choice, mmmu_parse_multi_choice_official, mmmu_parse_open, mmmu_open, mmmu_eval_multi_choice,
+    ai2d_correct_oq, mathvista_correct_oq, mathvista_extract_rule, mathvista_normalize, mathvista_correct_official,
+    pope_parse_oq, pope_metrics_oq, pope_parse_official, pope_metrics, pope_parse_vlmevalkit, pope_metrics_vlmevalkit)}
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# VLMEvalKit's TSV files (formats.md §1.1), read as pandas reads them, with the standard library only.
+
+BENCHES = {"mmmu": "MMMU_DEV_VAL.tsv", "mmbench": "MMBench_DEV_EN.tsv", "seedbench": "SEEDBench_IMG.tsv",
+           "mmstar": "MMStar.tsv", "ai2d": "AI2D_TEST.tsv", "textvqa": "TextVQA_VAL.tsv",
+           "mathvista": "MathVista_MINI.tsv", "pope": "POPE.tsv", "realworldqa": "RealWorldQA.tsv",
+           "muirbench": "MUIRBench.tsv"}
+MCQ = ("mmbench", "seedbench", "mmstar", "ai2d", "realworldqa", "muirbench", "mmmu")
+NA = {"", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN", "<NA>", "N/A", "NA",
+      "NULL", "NaN", "None", "n/a", "nan", "null"}  # pandas' default NA strings: an option "None" is no option
+
+
+def read_tsv(path: str) -> list[dict]:
+    """Rows as dicts of str (None for pandas' NA strings). A row whose cell count is off gets `_error`."""
+    csv.field_size_limit(2**31 - 1)  # base64 images are far over csv's 128 KiB default
+    rows = []
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.reader(f, delimiter="\t")
+        header = next(reader)
+        for cells in reader:
+            r = {k: (None if v in NA else v) for k, v in zip(header, cells)}
+            if len(cells) != len(header):
+                r["_error"] = f"line {reader.line_num}: {len(cells)} cells, the header has {len(header)}"
+            rows.append(r)
+    return rows
+
+
+def _literal(cell: str, what: str):
+    try:
+        return ast.literal_eval(cell)  # literals only: a cell can never run code
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        raise ValueError(f"unparsable {what} cell {cell[:40]!r}") from None
+
+
+def row_images(row: dict, image_of: dict) -> list[str]:
+    """The base64 images of a row: one base64 string, a list literal of them, or (<= 64 chars) the index of another
+    row whose image is reused."""
+    cell = row.get("image")
+    if cell is None:
+        raise ValueError("no image")
+    if len(cell) <= 64:
+        target = image_of.get(cell)
+        if target is None or len(target) <= 64:
+            raise ValueError(f"image back-reference {cell!r} names no row with an image")
+        cell = target
+    imgs = _literal(cell, "image") if cell[0] == "[" and cell[-1] == "]" else [cell]
+    if not isinstance(imgs, list) or not imgs or not all(isinstance(s, str) and len(s) > 64 for s in imgs):
+        raise ValueError("image cell is not a list of base64 images")
+    return imgs
+
+
+def _answers(cell: str) -> list[str]:
+    got = _literal(cell, "answer") if cell.startswith("[") else [cell]
+    if not isinstance(got, list) or not got:
+        raise ValueError("answer is not a list of strings")
+    return [str(a) for a in got]
+
+
+def load_bench(name: str, path: str) -> list[dict]:
+    """One item per row: id, images (base64), category, error (None or why the row cannot be asked) and the fields
+    its prompts and rules need."""
+    rows = read_tsv(path)
+    if name == "mmmu":
+        rows = [r for r in rows if r.get("split") in (None, "validation")]  # MMMU_DEV_VAL: report validation
+    image_of = {r.get("index"): r.get("image") for r in rows}
+    items = []
+    for k, r in enumerate(rows):
+        it = {"id": r.get("index") or f"row{k}", "category": r.get("category"), "error": r.get("_error"),
+              "images": [], "question": r.get("question") or ""}
+        try:
+            if it["error"]:
+                raise ValueError(it["error"])
+            it["images"] = row_images(r, image_of)
+            if r.get("answer") is None:
+                raise ValueError("no answer")
+            it["answer"] = r["answer"]
+            it["options"] = {c: r[c] for c in string.ascii_uppercase if r.get(c) is not None}
+            it["hint"] = r.get("hint")
+            if name == "mmmu":
+                it["open"] = "A" not in it["options"]
+                it["subfield"] = r.get("l2-category") or r.get("category") or ""
+                it["gold"] = _answers(r["answer"]) if it["open"] and r["answer"].startswith("[") else r["answer"]
+            elif name in MCQ and it["answer"] not in it["options"]:
+                raise ValueError(f"answer {it['answer']!r} is not an option")
+            if name == "textvqa":
+                it["answers"] = _answers(r["answer"])
+            if name == "pope":
+                it["splits"] = (r.get("category") or "pope").split(",")
+            if name == "mathvista":
+                choices = _literal(r["choices"], "choices") if r.get("choices") else None
+                dec = r["answer"].split(".")[1] if "." in r["answer"] else ""
+                it["problem"] = {"question_type": r.get("question_type") or "free_form", "choices": choices,
+                                 "answer_type": r.get("answer_type") or "text"}
+                it["precision"] = float(r["precision"]) if r.get("precision") else len(dec)  # absent: GT's decimals
+                it["answer_option"] = r.get("answer_option")
+        except ValueError as e:
+            it["error"] = f"{os.path.basename(path)} index {it['id']}: {e}"
+        items.append(it)
+    return items
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Prompts: text with "<image>" where each image goes, and which of the row's images goes there.
+
+MC_SUFFIX = "\nAnswer with the option's letter from the given choices directly.\nAnswer:"
+VQA_SUFFIX = "\nAnswer the question using a single word or phrase.\nAnswer:"
+IMAGE_TAG = re.compile(r"<image (\d)>")
+
+
+def _place(text: str, n: int) -> tuple[str, list[int]]:
+    """Images at their "<image>" placeholders (in order), or all first when the text has none."""
+    k = text.count("<image>")
+    if k == 0:
+        return "<image>\n" * n + text, list(range(n))
+    if k != n:
+        raise ValueError(f"{k} <image> placeholders for {n} images")
+    return text, list(range(n))
+
+
+def _mmmu_tags(text: str, n: int, cycle: bool) -> tuple[str, list[int]]:
+    """MMMU's <image k> tags. paper: each tag -> "<image>\\n", images attached in order and cycled (OQ); standard:
+    image k at its tag (VLMEvalKit split_MMMU), all first when there is no tag."""
+    tags = [int(d) for d in IMAGE_TAG.findall(text)]
+    if not tags:
+        return _place(text, n)
+    if not cycle and max(tags) > n:
+        raise ValueError(f"tag <image {max(tags)}> but {n} images")
+    text = IMAGE_TAG.sub("<image>\n" if cycle else "<image>", text)
+    return text, [j % n for j in range(len(tags))] if cycle else [t - 1 for t in tags]
+
+
+def _letters(it: dict) -> str:
+    return "ABCD" + "".join(c for c in string.ascii_uppercase[4:] if c in it["options"])  # always A-D, as OQ
+
+
+def _raw_question(query: str) -> str:
+    """MathVista's `question` from the TSV's full query ("Hint: ...\\nQuestion: ...\\nChoices: ..."), which OQ reads."""
+    m = re.search(r"Question: (.*?)(?:\nChoices:|$)", query, re.S)
+    return m.group(1).strip() if m else query
+
+
+def paper_prompt(bench: str, it: dict) -> tuple[str, list[int]]:
+    """The OQ harness prompts (reference.md §5), raw strings fed after <s>."""
+    q, n = it["question"], len(it["images"])
+    opts = "".join(f"\n{c}. {it['options'].get(c)}" for c in _letters(it)) if bench in MCQ else ""
+    if bench in ("mmbench", "seedbench", "ai2d", "realworldqa"):
+        return "<image>\n" + q + opts + MC_SUFFIX, [0]
+    if bench == "muirbench":
+        return _place(q + opts + MC_SUFFIX, n)
+    if bench == "mmstar":
+        return f"<image>\nQuestion: {q}" + MC_SUFFIX, [0]
+    if bench == "mmmu":
+        head = f"The following are multiple choice questions about {''.join(' ' + w for w in it['subfield'].split('_'))}.\n\n"
+        body = q + (VQA_SUFFIX if it["open"] else "".join(f"\n{c}. {v}" for c, v in it["options"].items()) + MC_SUFFIX)
+        return _mmmu_tags(head + body, n, cycle=True)
+    if bench in ("textvqa", "pope"):
+        return f"<image>\nQuestion: {q}" + VQA_SUFFIX, [0]
+    if bench == "mathvista":
+        p = it["problem"]
+        tail = "".join(f"\n{chr(65 + i)}. {c}" for i, c in enumerate(p["choices"])) + MC_SUFFIX \
+            if p["question_type"] == "multi_choice" else VQA_SUFFIX
+        return "<image>\n" + _raw_question(q) + tail, [0]
+    raise ValueError(bench)
+
+
+def standard_prompt(bench: str, it: dict) -> tuple[str, list[int]]:
+    """VLMEvalKit's dataset-side default prompts (formats.md §1.3), images first unless placed by tags."""
+    q, n = it["question"], len(it["images"])
+    if bench == "muirbench":
+        opts = "\n".join(f"{c}. {v}" for c, v in it["options"].items())
+        return _place(f"{q}\n{opts}\nAnswer with the option's letter from the given choices directly.", n)
+    if bench in MCQ:
+        text = (f"Hint: {it['hint']}\n" if it.get("hint") else "") + f"Question: {q}\n"
+        if it["options"]:
+            text += "Options:\n" + "".join(f"{c}. {v}\n" for c, v in it["options"].items())
+            text += "Please select the correct answer from the options above. \n"
+        return _mmmu_tags(text, n, cycle=False) if bench == "mmmu" else _place(text, n)
+    if bench == "textvqa":
+        return _place(q + "\nAnswer the question using a single word or phrase.", n)
+    return _place(q, n)  # pope, mathvista: the question (MathVista's full query) as is
+
+
+PROMPTS = {"paper": paper_prompt, "standard": standard_prompt}
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Scoring: one row at a time (parsed, correct, soft score), then each benchmark's metrics.
+
+
+def score_row(bench: str, style: str, it: dict, out: str, probs=None) -> tuple:
+    paper, gt = style == "paper", it["answer"]
+    if bench == "ai2d" and paper:
+        letter = "ABCD"[probs.index(max(probs))]
+        return letter, ai2d_correct_oq(mc_probabilities=probs, ground_truth_answer="ABCD".index(gt)), None
+    if bench == "mmmu":
+        if it["open"]:
+            return sorted(map(str, mmmu_parse_open(response=out))), mmmu_open(gold=it["gold"], response=out), None
+        parse = mmmu_parse_multi_choice if paper else mmmu_parse_multi_choice_official
+        p = parse(response=out, all_choices=list(it["options"]), index2ans=it["options"], seed=f"42:{it['id']}")
+        return p, mmmu_eval_multi_choice(gold=gt, pred=p), None
+    if bench == "textvqa":
+        s = textvqa_oq_score(generation=out, gt_answers=it["answers"]) if paper else \
+            vqa_accuracy(prediction=out, gt_answers=it["answers"])
+        return (vqa_harness_postprocess(out) if paper else vqa_normalize(out)), s == 1.0, s
+    if bench == "pope":
+        p = pope_parse_oq(response=out) if paper else pope_parse_official(response=out)
+        return p, p == gt.lower(), None
+    if bench == "mathvista":
+        p = it["problem"]
+        if paper:
+            g = it["answer_option"] if p["question_type"] == "multi_choice" and it.get("answer_option") else gt
+            return out, mathvista_correct_oq(model_output=out, ground_truth_answer=g, answer_type=p["answer_type"]), None
+        ext = mathvista_extract_rule(response=out, problem=p)
+        norm = mathvista_normalize(extraction=ext, choices=p["choices"] or [], question_type=p["question_type"],
+                                   answer_type=p["answer_type"], precision=it["precision"])
+        return norm, mathvista_correct_official(response=out, problem=p, answer=gt, precision=it["precision"]), None
+    if paper:
+        rule = mc_correct_oq_substring_cs if bench == "mmstar" else mc_correct_oq_substring
+        return out, rule(response=out, gt=gt), None
+    p = mc_choice_extract(response=out, choices=it["options"])
+    return p, p == gt, None
+
+
+def bench_metrics(bench: str, style: str, samples: list[dict], items: dict) -> list[tuple]:
+    """[(metric, score, primary, n)]. Error rows are in every denominator and never right."""
+    n = len(samples)
+    acc = sum(s["correct"] for s in samples) / max(1, n)
+    if bench == "textvqa":
+        return [("vqa_accuracy", sum(s.get("score") or 0.0 for s in samples) / max(1, n), True, n)]
+    if bench == "mmbench" and style == "standard":
+        rows = [{"index": s["id"], "prediction": s["output"], "answer": items[s["id"]].get("answer"),
+                 **items[s["id"]].get("options", {})} for s in samples]
+        c = mmbench_circular(rows=rows)
+        return [("accuracy", c["accuracy"], True, len(c["per_question_hit"])), ("accuracy_rowwise", acc, False, n)]
+    if bench == "pope":  # an error row answers the opposite of its label, so it is wrong under every rule
+        by = defaultdict(lambda: {"model_outputs": [], "labels": []})
+        for s in samples:
+            it = items[s["id"]]
+            gt = (it.get("answer") or "no").lower()
+            for sp in it.get("splits", ["pope"]):
+                by[sp]["model_outputs"].append({"yes": "no", "no": "yes"}[gt] if s["error"] else s["output"])
+                by[sp]["labels"].append(gt)
+        if style == "paper":
+            m = pope_metrics_oq(splits=dict(sorted(by.items())))
+            return [("accuracy", m["POPE-final-Accuracy"], True, n), ("f1", m["POPE-final-F1"], False, n)] + \
+                [(k, v, False, n) for k, v in m.items() if "final" not in k]
+        per = {sp: pope_metrics(predictions=d["model_outputs"], labels=d["labels"]) for sp, d in sorted(by.items())}
+        mean = {k: sum(p[k] for p in per.values()) / len(per) for k in ("f1", "accuracy", "precision", "recall",
+                                                                          "yes_ratio")}
+        return [(k, v, k == "f1", n) for k, v in mean.items()] + [(f"f1_{sp}", p["f1"], False, n) for sp, p in
+                                                                   per.items()]
+    return [("accuracy", acc, True, n)]
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Running
+
+
+@dataclass
+class Config:
+    """python eval.py [--model SRC] [--bench a,b] [--style paper,standard] [--data DIR] [--out DIR] [--limit N]"""
+    model: str = "runs/sft/final"  # anything weights.load_vlm reads
+    vision: str = ""  # for checkpoints without vision weights (released prismatic runs): dir or hub id
+    llm: str = ""
+    tokenizer: str = ""  # default: the model's
+    bench: str = ""  # comma-separated (BENCHES); "" = every benchmark whose file exists
+    style: str = "paper,standard"
+    data: str = ""  # dir of VLMEvalKit TSVs; "" = the toy world's eval/
+    out: str = "runs/eval"
+    chat: bool = False  # force the chat template in both styles
+    raw: bool = False  # force raw prompts after <s> in both styles
+    batch_size: int = 16
+    limit: int = 0  # first N rows of each benchmark
+    max_new_tokens: int = 0  # 0 = the style's (16 paper, 128 standard)
+    workers: int = 2  # image-decoding dataloader workers
+
+
+DECODING = {"paper": dict(max_new_tokens=16, chat=False), "standard": dict(max_new_tokens=128, chat=True)}
+
+
+def load_model(cfg, device):
+    """weights.load_vlm, and the chat style and system prompt the checkpoint was tuned with (sft.py records them)."""
+    try:
+        from weights import load_vlm
+    except ModuleNotFoundError:  # before weights.py lands: our own format, its tokenizer beside it
+        def load_vlm(src, vision=None, llm=None, dtype=None, image_tokens=None):
+            m = M.load_vlm(src, dtype=dtype)
+            m.tokenizer_path = os.path.join(src, "tokenizer.json") if os.path.isfile(os.path.join(
+                src, "tokenizer.json")) else None
+            return m
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    net = load_vlm(cfg.model, vision=cfg.vision or None, llm=cfg.llm or None, dtype=dtype).to(device).eval()
+    tok_path = cfg.tokenizer or getattr(net, "tokenizer_path", None)
+    if not tok_path:
+        raise SystemExit(f"{cfg.model}: no tokenizer.json found; pass --tokenizer")
+    saved = {}
+    if os.path.isfile(os.path.join(cfg.model, "config.json")):
+        with open(os.path.join(cfg.model, "config.json")) as f:
+            saved = json.load(f)
+    return net, M.Tokenizer(tok_path), saved.get("chat_style") or "qwen2", saved.get("system", saved.get(
+        "system_prompt"))
+
+
+def encode_prompt(tok, text: str, chat: bool, chat_style: str, system) -> list[int]:
+    if chat:
+        return M.chat_tokens(tok, [{"from": "human", "value": text}], style=chat_style, system=system,
+                             generation_prompt=True)[0]
+    return [tok.bos_id] + tok.encode_with_images(text)
+
+
+class Batches(torch.utils.data.Dataset):
+    """Batch k of this rank: its items' images decoded and resized (uint8) in a dataloader worker."""
+
+    def __init__(self, batches: list[list[dict]], size: int):
+        self.batches, self.size = batches, size
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __getitem__(self, k):
+        out = []
+        for it in self.batches[k]:
+            try:
+                out.append([M.image_to_uint8(M.load_image(base64.b64decode(it["images"][j], validate=True)),
+                                             self.size) for j in it["order"]])
+            except Exception as e:  # noqa: BLE001 (any undecodable image is an error row, never a crash)
+                out.append(re.sub(r" at 0x[0-9a-f]+", "", f"image: {type(e).__name__}: {e}")[:300])  # reproducible
+        return k, out
+
+
+def read_jsonl(path: str) -> list[dict]:
+    """Rows of a samples file; a line cut by a kill (the last) is dropped."""
+    if not os.path.exists(path):
+        return []
+    rows = []
+    with open(path) as f:
+        for line in f:
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                break
+    return rows
+
+
+def merge_samples(d: str, items: list[dict]) -> list[dict]:
+    """samples.jsonl and the ranks' part files -> samples.jsonl in benchmark order (atomic); the parts go."""
+    parts = sorted(f for f in os.listdir(d) if f.startswith("samples.rank"))
+    got = {}
+    for f in ["samples.jsonl"] + parts:
+        for r in read_jsonl(os.path.join(d, f)):
+            got.setdefault(r["id"], r)
+    order = {it["id"]: k for k, it in enumerate(items)}
+    rows = sorted(got.values(), key=lambda r: order.get(r["id"], len(order)))
+    tmp = os.path.join(d, ".samples.jsonl.tmp")
+    with open(tmp, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    os.replace(tmp, os.path.join(d, "samples.jsonl"))
+    for f in parts:
+        os.remove(os.path.join(d, f))
+    return rows
+
+
+def run_bench(net, tok, bench, style, items, cfg, rank, world, device, chat_style, system) -> list[dict]:
+    """Generate and score every item not yet in OUT/style/bench/samples.jsonl; returns all rows (rank 0)."""
+    import torch.distributed as dist
+
+    from train import print0
+    d = os.path.join(cfg.out, style, bench)
+    if rank == 0:
+        os.makedirs(d, exist_ok=True)
+        merge_samples(d, items)  # also drops a line a killed run left half-written
+    dist.barrier()
+    done = {r["id"] for r in read_jsonl(os.path.join(d, "samples.jsonl"))}
+    chat = (DECODING[style]["chat"] or cfg.chat) and not cfg.raw
+    rows, todo, it_tok = [], [], M.IMAGE_ID
+    for it in items:
+        base = {"benchmark": bench, "style": style, "id": it["id"], "prompt": None, "output": "", "parsed": None,
+                "correct": False, "category": it["category"], "error": it["error"]}
+        if not it["error"]:
+            try:
+                text, it["order"] = PROMPTS[style](bench, it)
+                base["prompt"] = text
+                it["ids"] = encode_prompt(tok, text, chat, chat_style, system)
+            except ValueError as e:
+                if "style=" in str(e):  # the model's chat style cannot hold this row: a mismatch, not a bad row
+                    raise SystemExit(f"{bench} ({style}): {e} (chat style {chat_style!r}); use --raw") from None
+                base["error"] = f"{BENCHES[bench]} index {it['id']}: {e}"
+        it["row"] = base
+        if base["error"]:
+            rows.append(base)
+        else:
+            todo.append(it)
+    # Length buckets over *all* items (done or not), so a batch holds the same rows in any run and at any world
+    # size; each rank takes whole batches.
+    n_img = net.config.image_tokens
+    todo.sort(key=lambda it: len(it["ids"]) + (n_img - 1) * sum(t == it_tok for t in it["ids"]))
+    batches = [todo[i:i + cfg.batch_size] for i in range(0, len(todo), cfg.batch_size)]
+    mine = [b for b in batches[rank::world] if any(it["id"] not in done for it in b)]
+    part = os.path.join(d, "samples.jsonl" if world == 1 else f"samples.rank{rank}.jsonl")
+    if rank == 0:
+        with open(part, "a") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows if r["id"] not in done)
+    stops = [tok.encode(c)[0] for c in (".", ",", "\n")] if style == "paper" else [tok.eos_id]
+    letters = [tok.encode(c)[0] for c in "ABCD"]
+    likelihood = bench == "ai2d" and style == "paper"
+    loader = torch.utils.data.DataLoader(Batches(mine, net.config.vision.image_size), batch_size=None,
+                                         num_workers=cfg.workers, prefetch_factor=2 if cfg.workers else None)
+    t0, n_done, total, firsts = time.time(), 0, sum(len(b) for b in mine), []
+
+    def first_probs(_tokens, logits):  # AI2D (paper): the letters' probabilities at the first position
+        firsts.append(logits.float().softmax(-1)[:, letters])
+    for k, pixels in loader:
+        batch, firsts[:] = list(zip(mine[k], pixels)), []
+        ok = [(it, px) for it, px in batch if not isinstance(px, str)]
+        if ok:
+            pv = torch.stack([p for _, px in ok for p in px]).to(device)
+            pv = M.normalize_pixels(pv, net.vision.pos_embed.dtype)
+            outs = net.generate([it["ids"] for it, _ in ok], pv, 1 if likelihood else
+                                cfg.max_new_tokens or DECODING[style]["max_new_tokens"], stop_ids=stops, keep_stop=True,
+                                callback=first_probs if likelihood else None)
+        out_rows, j = [], 0
+        for it, px in batch:
+            r = dict(it["row"])
+            if isinstance(px, str):
+                r["error"] = f"{BENCHES[bench]} index {it['id']}: {px}"
+            else:
+                probs = (firsts[0][j] / firsts[0][j].sum()).tolist() if likelihood else None
+                r["output"] = "ABCD"[probs.index(max(probs))] if likelihood else tok.decode(outs[j]).strip()
+                r["parsed"], r["correct"], s = score_row(bench, style, it, r["output"], probs)
+                if s is not None:
+                    r["score"] = s
+                if probs:
+                    r["probs"] = probs
+                j += 1
+            if it["id"] not in done:
+                out_rows.append(r)
+        with open(part, "a") as f:  # appended as they finish: a killed run resumes from here
+            f.writelines(json.dumps(r) + "\n" for r in out_rows)
+        n_done += len(batch)
+        rate = n_done / max(1e-9, time.time() - t0)
+        print0(f"  {style}/{bench}: {n_done}/{total} rows (rank 0) | {rate:.2f} rows/s | ETA "
+               f"{(total - n_done) / rate:.0f}s", file=sys.stderr)
+    dist.barrier()
+    return merge_samples(d, items) if rank == 0 else []
+
+
+def md5(path: str) -> str:
+    import hashlib
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_results(out: str, results: list[dict], skipped: list[str]):
+    M.write_json(os.path.join(out, "results.json"), results)
+    lines = ["| benchmark | style | metric | score | n | errors |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['benchmark']} | {r['style']} | {r['metric']}{' *' if r['primary'] else ''} | "
+              f"{100 * r['score']:.1f} | {r['n']} | {r['n_error']} |" for r in results]
+    notes = ["", "`*` the benchmark's primary metric. paper = the Open-Qwen2VL harness's prompts, decoding and rules; "
+             "standard = the benchmarks' own (circular MMBench, VLMEvalKit prompts). MathVista standard: rule-based "
+             "extraction only, no LLM judge. TextVQA: no OCR-token variant (the TSV has no OCR tokens)."]
+    notes += [f"skipped {s}" for s in skipped]
+    text = "\n".join(lines + notes) + "\n"
+    with open(os.path.join(out, ".results.md.tmp"), "w") as f:
+        f.write(text)
+    os.replace(os.path.join(out, ".results.md.tmp"), os.path.join(out, "results.md"))
+    return text
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["compare"]:
+        return compare_main(argv[1:])
+    if argv[:1] == ["chat"]:
+        return chat_main(argv[1:])
+    cfg = M.parse_config(Config, argv)
+    from train import print0, setup
+    rank, world, device = setup()
+    try:
+        if not cfg.data:
+            import toyworld
+            cfg.data = os.path.join(toyworld.ensure() if rank == 0 else toyworld.default_root(), "eval")
+        styles = [s for s in cfg.style.split(",") if s]
+        names = [b for b in cfg.bench.split(",") if b] or list(BENCHES)
+        bad = [x for x in styles if x not in DECODING] + [b for b in names if b not in BENCHES]
+        if bad:
+            raise SystemExit(f"unknown style or benchmark {bad} (styles {list(DECODING)}, benchmarks {list(BENCHES)})")
+        present = [b for b in names if os.path.isfile(os.path.join(cfg.data, BENCHES[b]))]
+        skipped = [f"{b}: {os.path.join(cfg.data, BENCHES[b])} not found" for b in names if b not in present]
+        for s in skipped:
+            print0(f"skipped {s}")
+        net, tok, chat_style, system = load_model(cfg, device)
+        benches = {b: load_bench(b, os.path.join(cfg.data, BENCHES[b])) for b in present}
+        results = []
+        for style in styles:
+            for b, items in benches.items():
+                items = items[:cfg.limit] if cfg.limit else items
+                rows = run_bench(net, tok, b, style, items, cfg, rank, world, device, chat_style, system)
+                if rank == 0:
+                    by_id = {it["id"]: it for it in items}
+                    n_err = sum(r["error"] is not None for r in rows)
+                    for metric, score, primary, n in bench_metrics(b, style, rows, by_id):
+                        results.append({"benchmark": b, "style": style, "metric": metric, "score": score, "n": n,
+                                        "n_error": n_err, "primary": primary, "model": cfg.model,
+                                        "data": os.path.join(cfg.data, BENCHES[b]),
+                                        "md5": md5(os.path.join(cfg.data, BENCHES[b]))})
+        if rank == 0:
+            print(write_results(cfg.out, results, skipped))
+        return results
+    finally:
+        import torch.distributed as dist
+        dist.destroy_process_group()
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# compare: are two runs really different? McNemar on the paired right/wrong table.
+
+
+def mcnemar(only_a: int, only_b: int) -> dict:
+    """statsmodels mcnemar(exact=True): two-sided binomial on the discordant pairs, statistic min(b, c); and the
+    chi-square version with continuity correction, (|b - c| - 1)^2 / (b + c) on 1 degree of freedom."""
+    n, k = only_a + only_b, min(only_a, only_b)
+    p_exact = min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2**n)
+    chi2 = (abs(only_a - only_b) - 1) ** 2 / n if n else 0.0
+    return {"statistic": k, "p_exact": p_exact, "chi2": chi2, "p_chi2": math.erfc(math.sqrt(chi2 / 2)) if n else 1.0}
+
+
+def _outcomes(rows: list[dict], bench: str, style: str) -> dict:
+    """id -> right/wrong. Standard MMBench: a question is right iff every circular copy is."""
+    if bench == "mmbench" and style == "standard":
+        g = {}
+        for r in rows:
+            q = str(int(r["id"]) % 1_000_000)
+            g[q] = g.get(q, True) and bool(r["correct"])
+        return g
+    return {r["id"]: bool(r["correct"]) for r in rows}  # TextVQA: correct = soft score 1.0
+
+
+def compare(run_a: str, run_b: str, style: str = "") -> dict:
+    out = {}
+    for s in [style] if style else sorted(os.listdir(run_a)):
+        for b in sorted(BENCHES):
+            pa, pb = (os.path.join(r, s, b, "samples.jsonl") for r in (run_a, run_b))
+            if not (os.path.isfile(pa) and os.path.isfile(pb)):
+                continue
+            a, c = _outcomes(read_jsonl(pa), b, s), _outcomes(read_jsonl(pb), b, s)
+            keys = sorted(set(a) & set(c))
+            t = {"n": len(keys), "both": sum(a[k] and c[k] for k in keys),
+                 "only_a": sum(a[k] and not c[k] for k in keys), "only_b": sum(c[k] and not a[k] for k in keys),
+                 "neither": sum(not a[k] and not c[k] for k in keys)}
+            out.setdefault(s, {})[b] = {**t, **mcnemar(t["only_a"], t["only_b"])}
+    return out
+
+
+@dataclass
+class CompareConfig:
+    """python eval.py compare RUN_A RUN_B [--style S] [--json]"""
+    style: str = ""
+    json: bool = False
+
+
+def compare_main(argv):
+    if len(argv) < 2 or argv[0].startswith("-") or argv[1].startswith("-"):
+        raise SystemExit("usage: python eval.py compare RUN_A RUN_B [--style S] [--json]")
+    cfg = M.parse_config(CompareConfig, argv[2:])
+    res = compare(argv[0], argv[1], cfg.style)
+    if cfg.json:
+        print(json.dumps(res))
+        return res
+    for s, benches in res.items():
+        for b, t in benches.items():
+            print(f"{s:8} {b:11} n {t['n']:5}  both {t['both']:5}  only A {t['only_a']:4}  only B {t['only_b']:4}  "
+                  f"neither {t['neither']:5}  McNemar exact p {t['p_exact']:.4g}  chi2 {t['chi2']:.3f} "
+                  f"p {t['p_chi2']:.4g}" + ("  (TextVQA: right = soft score 1.0)" if b == "textvqa" else "") +
+                  ("  (circular questions)" if b == "mmbench" and s == "standard" else ""))
+    return res
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# chat: one answer, streamed
+
+
+@dataclass
+class ChatConfig:
+    """python eval.py chat --model SRC --image a.jpg [--image b.jpg] "prompt" [--temperature T] [--top-p P]"""
+    model: str = "runs/sft/final"
+    vision: str = ""
+    llm: str = ""
+    tokenizer: str = ""
+    temperature: float = 0.0
+    top_p: float = 1.0
+    max_new_tokens: int = 256
+    raw: bool = False
+    seed: int = 0
+
+
+def chat_main(argv):
+    images, rest, k = [], [], 0
+    while k < len(argv):
+        if argv[k] == "--image":
+            images.append(argv[k + 1])
+            k += 2
+        else:
+            rest.append(argv[k])
+            k += 1
+    if not rest or rest[-1].startswith("--"):
+        raise SystemExit('usage: python eval.py chat --model SRC --image a.jpg [--image b.jpg] "prompt"')
+    cfg = M.parse_config(ChatConfig, rest[:-1])
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    net, tok, chat_style, system = load_model(cfg, device)
+    text, _ = _place(rest[-1], len(images))
+    ids = encode_prompt(tok, text, not cfg.raw, chat_style, system)
+    pv = torch.stack([M.preprocess(p, net.config.vision.image_size) for p in images]).to(
+        device, net.vision.pos_embed.dtype) if images else None
+    shown, new = "", []
+
+    def stream(t, _logits):  # print the decoded text as it grows (a token can be part of a character)
+        nonlocal shown
+        new.append(int(t[0]))
+        s = tok.decode(new)
+        if not s.endswith("\ufffd"):
+            print(s[len(shown):], end="", flush=True)
+            shown = s
+    net.generate([ids], pv, cfg.max_new_tokens, stop_ids=[tok.eos_id], temperature=cfg.temperature,
+                 top_p=cfg.top_p, seed=cfg.seed, callback=stream)
+    print()
+    return shown
+
+
+if __name__ == "__main__":
+    main()
