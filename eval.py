@@ -17,6 +17,9 @@ from __future__ import annotations
 import ast
 import base64
 import csv
+import functools
+import hashlib
+import io
 import json
 import math
 import os
@@ -25,41 +28,34 @@ import re
 import string
 import sys
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 import model as M
+import weights
+from train import print0, setup
 
-# -----------------------------------------------------------------------------------------------------------------
 # TextVQA / VQA (eval-rules §1). m4c's EvalAIAnswerProcessor (= lmms-eval) and VLMEvalKit's process_answer differ in
 # two places: m4c splits "'s" off (word_tokenize) and its period regex has a broken lookbehind.
 
-CONTRACTIONS = dict(p.split("=") for p in """aint=ain't arent=aren't cant=can't couldve=could've couldnt=couldn't
-couldn'tve=couldn't've couldnt've=couldn't've didnt=didn't doesnt=doesn't dont=don't hadnt=hadn't hadnt've=hadn't've
-hadn'tve=hadn't've hasnt=hasn't havent=haven't hed=he'd hed've=he'd've he'dve=he'd've hes=he's howd=how'd howll=how'll
-hows=how's Id've=I'd've I'dve=I'd've Im=I'm Ive=I've isnt=isn't itd=it'd itd've=it'd've it'dve=it'd've itll=it'll
-let's=let's maam=ma'am mightnt=mightn't mightnt've=mightn't've mightn'tve=mightn't've mightve=might've mustnt=mustn't
-mustve=must've neednt=needn't notve=not've oclock=o'clock oughtnt=oughtn't ow's'at='ow's'at 'ows'at='ow's'at
-'ow'sat='ow's'at shant=shan't shed've=she'd've she'dve=she'd've she's=she's shouldve=should've shouldnt=shouldn't
-shouldnt've=shouldn't've shouldn'tve=shouldn't've somebody'd=somebodyd somebodyd've=somebody'd've
-somebody'dve=somebody'd've somebodyll=somebody'll somebodys=somebody's someoned=someone'd someoned've=someone'd've
-someone'dve=someone'd've someonell=someone'll someones=someone's somethingd=something'd somethingd've=something'd've
-something'dve=something'd've somethingll=something'll thats=that's thered=there'd thered've=there'd've
-there'dve=there'd've therere=there're theres=there's theyd=they'd theyd've=they'd've they'dve=they'd've
-theyll=they'll theyre=they're theyve=they've twas='twas wasnt=wasn't wed've=we'd've we'dve=we'd've weve=we've
-werent=weren't whatll=what'll whatre=what're whats=what's whatve=what've whens=when's whered=where'd wheres=where's
-whereve=where've whod=who'd whod've=who'd've who'dve=who'd've wholl=who'll whos=who's whove=who've whyll=why'll
-whyre=why're whys=why's wont=won't wouldve=would've wouldnt=wouldn't wouldnt've=wouldn't've wouldn'tve=wouldn't've
-yall=y'all yall'll=y'all'll y'allll=y'all'll yall'd've=y'all'd've y'alld've=y'all'd've y'all'dve=y'all'd've
-youd=you'd youd've=you'd've you'dve=you'd've youll=you'll youre=you're youve=you've""".split())
+# The VQA contraction table, written as its values: each key is a value with one apostrophe dropped ("dont",
+# "couldnt've" and "couldn'tve"). Its two identity entries (let's, she's) change nothing; one entry is backwards.
+CONTRACTIONS = {v[:i] + v[i + 1:]: v for v in """ain't aren't can't could've couldn't couldn't've didn't doesn't don't
+hadn't hadn't've hasn't haven't he'd he'd've he's how'd how'll how's I'd've I'm I've isn't it'd it'd've it'll ma'am
+mightn't mightn't've might've mustn't must've needn't not've o'clock oughtn't 'ow's'at shan't she'd've should've
+shouldn't shouldn't've somebody'd've somebody'll somebody's someone'd someone'd've someone'll someone's something'd
+something'd've something'll that's there'd there'd've there're there's they'd they'd've they'll they're they've 'twas
+wasn't we'd've we've weren't what'll what're what's what've when's where'd where's where've who'd who'd've who'll
+who's who've why'll why're why's won't would've wouldn't wouldn't've y'all y'all'll y'all'd've you'd you'd've you'll
+you're you've""".split() for i, ch in enumerate(v) if ch == "'"} | {"somebody'd": "somebodyd"}
 NUMBERS = {w: str(i) for i, w in enumerate("zero one two three four five six seven eight nine ten".split())}
 NUMBERS["none"] = "0"
-PUNCT = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!"]
+PUNCT = list(';/[]"{}()=+\\_-><@`,?!')
 PERIOD_M4C = re.compile(r"(?!<=\d)(\.)(?!\d)")  # sic: "(?!<=" is a lookahead, so "3.5." -> "3.5"
 PERIOD_VK = re.compile(r"(?<!\d)\.(?!\d)")
-
 
 def _punctuation(text: str, period: re.Pattern, comma: str) -> str:
     out = text
@@ -67,11 +63,9 @@ def _punctuation(text: str, period: re.Pattern, comma: str) -> str:
         out = out.replace(p, "" if (p + " " in text or " " + p in text or re.search(comma, text)) else " ")
     return period.sub("", out, re.UNICODE)  # sic: re.UNICODE (32) lands in `count`
 
-
 def _digits_articles(text: str) -> str:
     words = [NUMBERS.get(w, w) for w in text.lower().split()]
     return " ".join(CONTRACTIONS.get(w, w) for w in words if w not in ("a", "an", "the"))
-
 
 def vqa_normalize(answer: str) -> str:
     """m4c EvalAIAnswerProcessor (OQ util/evaluation/textvqa/m4c_evaluators.py = lmms-eval's)."""
@@ -79,52 +73,40 @@ def vqa_normalize(answer: str) -> str:
     answer = answer.replace("\n", " ").replace("\t", " ").strip()
     return _digits_articles(_punctuation(answer, PERIOD_M4C, r"(?<=\d)(\,)+(?=\d)"))
 
-
 def _vqa_soft(pred: str, gts: list[str]) -> float:
     """Mean over leave-one-out subsets of min(1, matches / 3) ("10 choose 9")."""
     return sum(min(1.0, sum(g == pred for j, g in enumerate(gts) if j != i) / 3) for i in range(len(gts))) / len(gts)
-
 
 def vqa_accuracy(prediction: str, gt_answers: list[str]) -> float:
     """m4c TextVQAAccuracyEvaluator: prediction and every GT through vqa_normalize."""
     return _vqa_soft(vqa_normalize(prediction), [vqa_normalize(a) for a in gt_answers])
 
-
 def _vk_answer(a: str) -> str:
     a = a.replace("\n", " ").replace("\t", " ").strip()
     return _digits_articles(_punctuation(a, PERIOD_VK, r"(\d)(,)(\d)"))
-
 
 def vqa_accuracy_vlmevalkit(prediction: str, gt_answers: list[str]) -> float:
     """VLMEvalKit dataset/utils/vqa_eval.py process_answer + process_line(vqa_score): no "'s" split, fixed period
     regex."""
     return _vqa_soft(_vk_answer(prediction), [_vk_answer(a) for a in gt_answers])
 
-
 def vqa_harness_postprocess(generation: str) -> str:
     """OQ harnesses' output expression: deletes every "\\n", "." and "," (so "3.5" -> "35")."""
     return generation.replace("\n", "").replace(".", "").replace(",", "").lower().split("<|endofchunk|>")[0]
 
-
 def textvqa_oq_score(generation: str, gt_answers: list[str]) -> float:
     return vqa_accuracy(prediction=vqa_harness_postprocess(generation), gt_answers=gt_answers)
 
-
-# -----------------------------------------------------------------------------------------------------------------
 # Multiple choice (eval-rules §4-6, 8): OQ's substring tests and VLMEvalKit's can_infer.
-
 REFUSALS = ("Sorry, I can't help with images of people yet.", "I can't process this file.",
             "I'm sorry, but without the image provided", "Cannot determine the answer")
 ANSWER_IS = re.compile(r"(?i)(?:correct\s+)?answer\s+is\s+\**([ABCD])\**")
 
-
 def mc_correct_oq_substring(response: str, gt: str) -> bool:
     return gt.lower() in response.lower()  # sic: GT "A" matches "The answer is (B)." through "answer"
 
-
 def mc_correct_oq_substring_cs(response: str, gt: str) -> bool:
     return gt in response
-
 
 def mc_choice_extract(response: str, choices: dict):
     """VLMEvalKit utils/matching_util.py can_infer: can_infer_option, then can_infer_text. A letter, "Z" (refusal)
@@ -132,10 +114,7 @@ def mc_choice_extract(response: str, choices: dict):
     response = str(response)
     if any(r in response for r in REFUSALS):
         return "Z"
-    mod = response
-    for c in ".()[],:;!*#{}":
-        mod = mod.replace(c, " ")
-    splits = mod.split()
+    splits = re.sub(r"[.()\[\],:;!*#{}]", " ", response).split()
     found = [c for c in choices if c in splits]
     if len(found) == 1 and splits.index(found[0]) > len(splits) - 5:
         return found[0]
@@ -151,11 +130,9 @@ def mc_choice_extract(response: str, choices: dict):
             return hits[0]
     return False
 
-
 def mmbench_rowwise_oq(rows: list[dict]) -> float:
     """OQ MMBenchScorer: substring test per row, mean over every row (circular copies included)."""
     return sum(mc_correct_oq_substring(response=r["prediction"], gt=r["answer"]) for r in rows) / len(rows)
-
 
 def mmbench_circular(rows: list[dict]) -> dict:
     """VLMEvalKit mcq_circular_eval (exact matching): question q scores 1 iff the extracted letter equals the answer
@@ -168,17 +145,12 @@ def mmbench_circular(rows: list[dict]) -> dict:
         hit[q] = int(hit.get(q, 1) and ok)
     return {"per_question_hit": hit, "accuracy": sum(hit.values()) / len(hit) if hit else 0.0}
 
-
 def ai2d_correct_oq(mc_probabilities, ground_truth_answer) -> bool:
     """OQ AI2DScorer: argmax of the A-D probabilities (ties to the lower index) equals the answer's index."""
     probs = list(mc_probabilities)
     return probs.index(max(probs)) == int(ground_truth_answer)
 
-
-# -----------------------------------------------------------------------------------------------------------------
 # MMMU (eval-rules §7): the OQ/lmms-eval parser and MMMU's official one differ in how a bare letter is found.
-
-
 def _mmmu_parse(response, all_choices, index2ans, official: bool, seed):
     for ch in [",", ".", "!", "?", ";", ":", "'"]:
         response = response.strip(ch)
@@ -199,36 +171,24 @@ def _mmmu_parse(response, all_choices, index2ans, official: bool, seed):
            else response.lower().rfind(index2ans[c].lower()) for c in cands]
     return cands[pos.index(max(pos))]
 
-
 def mmmu_parse_multi_choice(response: str, all_choices: list, index2ans: dict, seed=42) -> str:
     """OQ MMMUScorer.parse_multi_choice_response (= lmms-eval): "(X)", then "X ", then "X.", then option text."""
     return _mmmu_parse(response, all_choices, index2ans, False, seed)
-
 
 def mmmu_parse_multi_choice_official(response: str, all_choices: list, index2ans: dict, seed=42) -> str:
     """MMMU eval/eval_utils.py parse_multi_choice_response: "(X)", then " X ", then option text."""
     return _mmmu_parse(response, all_choices, index2ans, True, seed)
 
-
-def _is_number(s: str) -> bool:
-    try:
-        float(s.replace(",", ""))
-        return True
-    except ValueError:
-        return False
-
-
 def _normalize_str(s: str) -> list:
     s = s.strip()
-    if _is_number(s):
+    try:
         return [round(float(s.replace(",", "")), 2)]
-    s = s.lower()
+    except ValueError:
+        s = s.lower()
     return [" " + s, s + " "] if len(s) == 1 else [s]
-
 
 NUM_PATTERNS = (r"-?\b\d{1,3}(?:,\d{3})+\b", r"-?\d+(?:\.\d+)?[eE][+-]?\d+", r"-?(?:\d+\.\d+|\.\d+|\d+)(?![eE][+-]?\d+)(?![,\d])")
 KEY_INDICATORS = ["could be ", "so ", "is ", "thus ", "therefore ", "final ", "answer ", "result "]
-
 
 def mmmu_parse_open(response: str) -> list:
     """MMMU / OQ parse_open_response: key-phrase tails, every number, normalised. Compare as a set."""
@@ -246,7 +206,6 @@ def mmmu_parse_open(response: str) -> list:
     preds = keys + [n for k in keys for p in NUM_PATTERNS for n in re.findall(p, k)]
     return list({x for p in preds for x in _normalize_str(p)})
 
-
 def mmmu_open(gold, response: str) -> bool:
     """eval_open(gold, parse_open_response(response)): a string pred is right if some string gold is a substring
     of it; a number if it is among the gold numbers."""
@@ -258,36 +217,28 @@ def mmmu_open(gold, response: str) -> bool:
             return True
     return False
 
-
 def mmmu_eval_multi_choice(gold, pred) -> bool:
     return pred in gold if isinstance(gold, list) else gold == pred
 
-
-# -----------------------------------------------------------------------------------------------------------------
 # MathVista (eval-rules §9). OQ scores every item with MMMU's eval_open (a bug); the official pipeline extracts,
 # normalises and compares strings. The LLM extraction step is not implemented: where it would run, the response
 # itself goes on to normalisation (said in every report).
-
-
 def mathvista_correct_oq(model_output: str, ground_truth_answer, answer_type: str) -> bool:
     """OQ's runner stores answer_type where the scorer reads question_type, so "multi_choice" never occurs."""
     return mmmu_open(gold=str(ground_truth_answer), response=model_output)
-
 
 def mathvista_extract_rule(response: str, problem: dict) -> str:
     if response == "":
         return ""
     if problem["question_type"] == "multi_choice" and response in problem["choices"]:
         return response
-    for kind, conv in (("integer", lambda r: str(int(r))), ("float", lambda r: str(float(r)))):
-        if problem["answer_type"] == kind:
-            try:
-                return conv(response)
-            except ValueError:
-                pass
+    try:
+        if problem["answer_type"] in ("integer", "float"):
+            return str(int(response) if problem["answer_type"] == "integer" else float(response))
+    except ValueError:
+        pass
     m = re.search(r'The answer is "(.*)"\.', response)  # --quick_extract
     return m.group(1) if m else response  # the reference asks an LLM here
-
 
 def _levenshtein(a: str, b: str) -> int:
     row = list(range(len(b) + 1))
@@ -297,18 +248,15 @@ def _levenshtein(a: str, b: str) -> int:
             prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (ca != cb))
     return row[-1]
 
-
 def mathvista_normalize(extraction, choices, question_type, answer_type, precision):
     """MathVista calculate_score.py normalize_extracted_answer; None = not parseable."""
     if question_type == "multi_choice":
-        extraction = extraction.strip() if isinstance(extraction, str) else str(extraction)
+        extraction = str(extraction).strip()
         letter = re.findall(r"\(([a-zA-Z])\)", extraction)
         extraction = letter[0].upper() if letter else extraction
-        options = [chr(ord("A") + i) for i in range(len(choices))]
-        if extraction in options:
+        if extraction in (options := [chr(ord("A") + i) for i in range(len(choices))]):
             return choices[options.index(extraction)]
-        d = [_levenshtein(extraction, c) for c in choices]
-        return choices[d.index(min(d))]
+        return min(choices, key=lambda c: _levenshtein(extraction, c))  # the first of the nearest, as list.index
     try:
         if answer_type == "integer":
             return str(int(float(extraction)))
@@ -320,7 +268,6 @@ def mathvista_normalize(extraction, choices, question_type, answer_type, precisi
         return None
     return extraction
 
-
 def mathvista_correct_official(response: str, problem: dict, answer, precision) -> bool:
     ext = mathvista_extract_rule(response=response, problem=problem)
     norm = mathvista_normalize(extraction=ext, choices=problem.get("choices") or [],
@@ -328,44 +275,33 @@ def mathvista_correct_official(response: str, problem: dict, answer, precision) 
                                precision=precision)
     return norm == answer  # safe_equal
 
-
-# -----------------------------------------------------------------------------------------------------------------
 # POPE (eval-rules §10)
-
-
 def pope_parse_oq(response: str):
     label = response.strip(",").strip(".").lower()
     return label if label in ("yes", "no") else None
-
 
 def pope_parse_official(response: str) -> str:
     """POPE evaluate.py (= LLaVA eval_pope.py): first sentence; "no" iff a token is No/no/not, else "yes"."""
     words = response.split(".")[0].replace(",", "").split(" ")
     return "no" if any(w in ("No", "no", "not") for w in words) else "yes"
 
-
 def pope_parse_vlmevalkit(response: str) -> str:
     words = _punctuation(response.lower(), PERIOD_VK, r"(\d)(,)(\d)").split()
     return "Yes" if "yes" in words and "no" not in words else "No" if "no" in words and "yes" not in words \
         else "Unknown"
 
-
 def _confusion(pred_yes: list[bool], gt_yes: list[bool]) -> dict:
-    tp = sum(p and g for p, g in zip(pred_yes, gt_yes))
-    fp = sum(p and not g for p, g in zip(pred_yes, gt_yes))
-    tn = sum(not p and not g for p, g in zip(pred_yes, gt_yes))
-    fn = sum(not p and g for p, g in zip(pred_yes, gt_yes))
+    c = Counter(zip(pred_yes, gt_yes))
+    tp, fp, tn, fn = c[True, True], c[True, False], c[False, False], c[False, True]
     prec, rec = tp / (tp + fp) if tp + fp else 0.0, tp / (tp + fn) if tp + fn else 0.0
     return {"accuracy": (tp + tn) / max(1, len(gt_yes)), "precision": prec, "recall": rec,
             "f1": 2 * prec * rec / (prec + rec) if prec + rec else 0.0, "TP": tp, "FP": fp, "TN": tn, "FN": fn}
-
 
 def pope_metrics(predictions: list[str], labels: list[str]) -> dict:
     """POPE evaluate.py on raw outputs. The reference raises on a zero precision/recall denominator; we give 0."""
     pred = [pope_parse_official(response=p) == "yes" for p in predictions]
     m = _confusion(pred, [str(g).lower() == "yes" for g in labels])
     return {**m, "yes_ratio": sum(pred) / max(1, len(pred))}
-
 
 def pope_metrics_vlmevalkit(predictions: list[str], labels: list[str]) -> dict:
     """VLMEvalKit POPE_rating "Overall" row (in %); Unknown counts as not-yes and wrong."""
@@ -374,7 +310,6 @@ def pope_metrics_vlmevalkit(predictions: list[str], labels: list[str]) -> dict:
     acc = sum(e == g for e, g in zip(ext, labels)) / max(1, len(ext))
     return {"f1": 100 * m["f1"], "accuracy": 100 * acc, "precision": 100 * m["precision"],
             "recall": 100 * m["recall"]}
-
 
 def pope_metrics_oq(splits: dict) -> dict:
     """OQ PopeScorer: exact yes/no after the strip, accuracy and F1 (sklearn, yes = 1) per split; final = the
@@ -390,7 +325,6 @@ def pope_metrics_oq(splits: dict) -> dict:
         out[f"POPE-final-{k}"] = sum(vals) / len(vals) if vals else 0.0
     return out
 
-
 RULES = {f.__name__: f for f in (
     vqa_harness_postprocess, vqa_normalize, vqa_accuracy, textvqa_oq_score, vqa_accuracy_vlmevalkit,
     mc_correct_oq_substring, mc_correct_oq_substring_cs, mmbench_rowwise_oq, mc_choice_extract, mmbench_circular,
@@ -398,10 +332,7 @@ RULES = {f.__name__: f for f in (
     ai2d_correct_oq, mathvista_correct_oq, mathvista_extract_rule, mathvista_normalize, mathvista_correct_official,
     pope_parse_oq, pope_metrics_oq, pope_parse_official, pope_metrics, pope_parse_vlmevalkit, pope_metrics_vlmevalkit)}
 
-
-# -----------------------------------------------------------------------------------------------------------------
 # VLMEvalKit's TSV files (formats.md §1.1), read as pandas reads them, with the standard library only.
-
 BENCHES = {"mmmu": "MMMU_DEV_VAL.tsv", "mmbench": "MMBench_DEV_EN.tsv", "seedbench": "SEEDBench_IMG.tsv",
            "mmstar": "MMStar.tsv", "ai2d": "AI2D_TEST.tsv", "textvqa": "TextVQA_VAL.tsv",
            "mathvista": "MathVista_MINI.tsv", "pope": "POPE.tsv", "realworldqa": "RealWorldQA.tsv",
@@ -409,7 +340,6 @@ BENCHES = {"mmmu": "MMMU_DEV_VAL.tsv", "mmbench": "MMBench_DEV_EN.tsv", "seedben
 MCQ = ("mmbench", "seedbench", "mmstar", "ai2d", "realworldqa", "muirbench", "mmmu")
 NA = {"", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN", "<NA>", "N/A", "NA",
       "NULL", "NaN", "None", "n/a", "nan", "null"}  # pandas' default NA strings: an option "None" is no option
-
 
 def read_tsv(path: str) -> list[dict]:
     """Rows as dicts of str (None for pandas' NA strings). A row whose cell count is off gets `_error`."""
@@ -425,13 +355,11 @@ def read_tsv(path: str) -> list[dict]:
             rows.append(r)
     return rows
 
-
 def _literal(cell: str, what: str):
     try:
         return ast.literal_eval(cell)  # literals only: a cell can never run code
     except (ValueError, SyntaxError, MemoryError, RecursionError):
         raise ValueError(f"unparsable {what} cell {cell[:40]!r}") from None
-
 
 def row_images(row: dict, image_of: dict) -> list[str]:
     """The base64 images of a row: one base64 string, a list literal of them, or (<= 64 chars) the index of another
@@ -449,13 +377,11 @@ def row_images(row: dict, image_of: dict) -> list[str]:
         raise ValueError("image cell is not a list of base64 images")
     return imgs
 
-
 def _answers(cell: str) -> list[str]:
     got = _literal(cell, "answer") if cell.startswith("[") else [cell]
     if not isinstance(got, list) or not got:
         raise ValueError("answer is not a list of strings")
-    return [str(a) for a in got]
-
+    return list(map(str, got))
 
 def load_bench(name: str, path: str) -> list[dict]:
     """One item per row: id, images (base64), category, error (None or why the row cannot be asked) and the fields
@@ -499,14 +425,10 @@ def load_bench(name: str, path: str) -> list[dict]:
         items.append(it)
     return items
 
-
-# -----------------------------------------------------------------------------------------------------------------
 # Prompts: text with "<image>" where each image goes, and which of the row's images goes there.
-
 MC_SUFFIX = "\nAnswer with the option's letter from the given choices directly.\nAnswer:"
 VQA_SUFFIX = "\nAnswer the question using a single word or phrase.\nAnswer:"
 IMAGE_TAG = re.compile(r"<image (\d)>")
-
 
 def _place(text: str, n: int) -> tuple[str, list[int]]:
     """Images at their "<image>" placeholders (in order), or all first when the text has none."""
@@ -516,7 +438,6 @@ def _place(text: str, n: int) -> tuple[str, list[int]]:
     if k != n:
         raise ValueError(f"{k} <image> placeholders for {n} images")
     return text, list(range(n))
-
 
 def _mmmu_tags(text: str, n: int, cycle: bool) -> tuple[str, list[int]]:
     """MMMU's <image k> tags. paper: each tag -> "<image>\\n", images attached in order and cycled (OQ); standard:
@@ -529,16 +450,13 @@ def _mmmu_tags(text: str, n: int, cycle: bool) -> tuple[str, list[int]]:
     text = IMAGE_TAG.sub("<image>\n" if cycle else "<image>", text)
     return text, [j % n for j in range(len(tags))] if cycle else [t - 1 for t in tags]
 
-
 def _letters(it: dict) -> str:
     return "ABCD" + "".join(c for c in string.ascii_uppercase[4:] if c in it["options"])  # always A-D, as OQ
-
 
 def _raw_question(query: str) -> str:
     """MathVista's `question` from the TSV's full query ("Hint: ...\\nQuestion: ...\\nChoices: ..."), which OQ reads."""
     m = re.search(r"Question: (.*?)(?:\nChoices:|$)", query, re.S)
     return m.group(1).strip() if m else query
-
 
 def paper_prompt(bench: str, it: dict) -> tuple[str, list[int]]:
     """The OQ harness prompts (reference.md §5), raw strings fed after <s>."""
@@ -563,7 +481,6 @@ def paper_prompt(bench: str, it: dict) -> tuple[str, list[int]]:
         return "<image>\n" + _raw_question(q) + tail, [0]
     raise ValueError(bench)
 
-
 def standard_prompt(bench: str, it: dict) -> tuple[str, list[int]]:
     """VLMEvalKit's dataset-side default prompts (formats.md §1.3), images first unless placed by tags."""
     q, n = it["question"], len(it["images"])
@@ -580,14 +497,9 @@ def standard_prompt(bench: str, it: dict) -> tuple[str, list[int]]:
         return _place(q + "\nAnswer the question using a single word or phrase.", n)
     return _place(q, n)  # pope, mathvista: the question (MathVista's full query) as is
 
-
 PROMPTS = {"paper": paper_prompt, "standard": standard_prompt}
 
-
-# -----------------------------------------------------------------------------------------------------------------
 # Scoring: one row at a time (parsed, correct, soft score), then each benchmark's metrics.
-
-
 def score_row(bench: str, style: str, it: dict, out: str, probs=None) -> tuple:
     paper, gt = style == "paper", it["answer"]
     if bench == "ai2d" and paper:
@@ -611,16 +523,13 @@ def score_row(bench: str, style: str, it: dict, out: str, probs=None) -> tuple:
         if paper:
             g = it["answer_option"] if p["question_type"] == "multi_choice" and it.get("answer_option") else gt
             return out, mathvista_correct_oq(model_output=out, ground_truth_answer=g, answer_type=p["answer_type"]), None
-        ext = mathvista_extract_rule(response=out, problem=p)
-        norm = mathvista_normalize(extraction=ext, choices=p["choices"] or [], question_type=p["question_type"],
-                                   answer_type=p["answer_type"], precision=it["precision"])
-        return norm, mathvista_correct_official(response=out, problem=p, answer=gt, precision=it["precision"]), None
+        return mathvista_extract_rule(response=out, problem=p), mathvista_correct_official(
+            response=out, problem=p, answer=gt, precision=it["precision"]), None
     if paper:
         rule = mc_correct_oq_substring_cs if bench == "mmstar" else mc_correct_oq_substring
         return out, rule(response=out, gt=gt), None
     p = mc_choice_extract(response=out, choices=it["options"])
     return p, p == gt, None
-
 
 def bench_metrics(bench: str, style: str, samples: list[dict], items: dict) -> list[tuple]:
     """[(metric, score, primary, n)]. Error rows are in every denominator and never right."""
@@ -652,11 +561,7 @@ def bench_metrics(bench: str, style: str, samples: list[dict], items: dict) -> l
                                                                    per.items()]
     return [("accuracy", acc, True, n)]
 
-
-# -----------------------------------------------------------------------------------------------------------------
 # Running
-
-
 @dataclass
 class Config:
     """python eval.py [--model SRC] [--bench a,b] [--style paper,standard] [--data DIR] [--out DIR] [--limit N]"""
@@ -668,73 +573,51 @@ class Config:
     style: str = "paper,standard"
     data: str = ""  # dir of VLMEvalKit TSVs; "" = the toy world's eval/
     out: str = "runs/eval"
-    chat: bool = False  # force the chat template in both styles
-    raw: bool = False  # force raw prompts after <s> in both styles
+    chat: bool = False  # the chat template in both styles (default: standard only)
+    raw: bool = False  # raw prompts after <s> in both styles
     batch_size: int = 16
     limit: int = 0  # first N rows of each benchmark
-    max_new_tokens: int = 0  # 0 = the style's (16 paper, 128 standard)
+    max_new_tokens: int = 0  # 0 = the style's
     workers: int = 2  # image-decoding dataloader workers
 
-
-DECODING = {"paper": dict(max_new_tokens=16, chat=False), "standard": dict(max_new_tokens=128, chat=True)}
-
+MAX_NEW_TOKENS = {"paper": 16, "standard": 128}
 
 def load_model(cfg, device):
-    """weights.load_vlm, and the chat style and system prompt the checkpoint was tuned with (sft.py records them)."""
-    try:
-        from weights import load_vlm
-    except ModuleNotFoundError:  # before weights.py lands: our own format, its tokenizer beside it
-        def load_vlm(src, vision=None, llm=None, dtype=None, image_tokens=None):
-            m = M.load_vlm(src, dtype=dtype)
-            m.tokenizer_path = os.path.join(src, "tokenizer.json") if os.path.isfile(os.path.join(
-                src, "tokenizer.json")) else None
-            return m
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    net = load_vlm(cfg.model, vision=cfg.vision or None, llm=cfg.llm or None, dtype=dtype).to(device).eval()
-    tok_path = cfg.tokenizer or getattr(net, "tokenizer_path", None)
+    """weights.load_vlm, plus the chat style and system prompt the checkpoint was tuned with (sft.py records them)."""
+    net = weights.load_vlm(cfg.model, vision=cfg.vision or None, llm=cfg.llm or None,
+                           dtype=torch.bfloat16 if device.type == "cuda" else torch.float32).to(device).eval()
+    tok_path = cfg.tokenizer or net.tokenizer_path
     if not tok_path:
         raise SystemExit(f"{cfg.model}: no tokenizer.json found; pass --tokenizer")
-    saved = {}
-    if os.path.isfile(os.path.join(cfg.model, "config.json")):
-        with open(os.path.join(cfg.model, "config.json")) as f:
+    saved, p = {}, os.path.join(cfg.model, "config.json")
+    if os.path.isfile(p):
+        with open(p) as f:
             saved = json.load(f)
-    return net, M.Tokenizer(tok_path), saved.get("chat_style") or "qwen2", saved.get("system", saved.get(
-        "system_prompt"))
-
+    style, system = saved.get("chat_style") or "qwen2", saved.get("system", saved.get("system_prompt"))
+    return net, M.Tokenizer(tok_path), style, system
 
 def encode_prompt(tok, text: str, chat: bool, chat_style: str, system) -> list[int]:
     if chat:
-        return M.chat_tokens(tok, [{"from": "human", "value": text}], style=chat_style, system=system,
-                             generation_prompt=True)[0]
+        turn = [{"from": "human", "value": text}]
+        return M.chat_tokens(tok, turn, style=chat_style, system=system, generation_prompt=True)[0]
     return [tok.bos_id] + tok.encode_with_images(text)
 
-
-class Batches(torch.utils.data.Dataset):
-    """Batch k of this rank: its items' images decoded and resized (uint8) in a dataloader worker."""
-
-    def __init__(self, batches: list[list[dict]], size: int):
-        self.batches, self.size = batches, size
-
-    def __len__(self):
-        return len(self.batches)
-
-    def __getitem__(self, k):
-        out = []
-        for it in self.batches[k]:
-            try:
-                out.append([M.image_to_uint8(M.load_image(base64.b64decode(it["images"][j], validate=True)),
-                                             self.size) for j in it["order"]])
-            except Exception as e:  # noqa: BLE001 (any undecodable image is an error row, never a crash)
-                out.append(re.sub(r" at 0x[0-9a-f]+", "", f"image: {type(e).__name__}: {e}")[:300])  # reproducible
-        return k, out
-
+def decode_batch(job, size: int):
+    """(k, batch) -> (k, per item: its images decoded and resized (uint8), or why they could not be). Runs in the
+    dataloader workers."""
+    k, out = job[0], []
+    for it in job[1]:
+        try:
+            out.append([M.image_to_uint8(M.load_image(base64.b64decode(it["images"][j], validate=True)), size)
+                        for j in it["order"]])
+        except Exception as e:  # noqa: BLE001 (any undecodable image is an error row, never a crash)
+            out.append(re.sub(r" at 0x[0-9a-f]+", "", f"image: {type(e).__name__}: {e}")[:300])  # reproducible
+    return k, out
 
 def read_jsonl(path: str) -> list[dict]:
     """Rows of a samples file; a line cut by a kill (the last) is dropped."""
-    if not os.path.exists(path):
-        return []
     rows = []
-    with open(path) as f:
+    with open(path) if os.path.exists(path) else io.StringIO() as f:
         for line in f:
             try:
                 rows.append(json.loads(line))
@@ -742,101 +625,87 @@ def read_jsonl(path: str) -> list[dict]:
                 break
     return rows
 
+def write_text(path: str, text: str):
+    tmp = os.path.join(os.path.dirname(path), "." + os.path.basename(path) + ".tmp")  # atomic: temp, then rename
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
 
 def merge_samples(d: str, items: list[dict]) -> list[dict]:
-    """samples.jsonl and the ranks' part files -> samples.jsonl in benchmark order (atomic); the parts go."""
-    parts = sorted(f for f in os.listdir(d) if f.startswith("samples.rank"))
-    got = {}
+    """samples.jsonl and the ranks' part files -> samples.jsonl in benchmark order; the part files go."""
+    parts, got = sorted(f for f in os.listdir(d) if f.startswith("samples.rank")), {}
     for f in ["samples.jsonl"] + parts:
         for r in read_jsonl(os.path.join(d, f)):
             got.setdefault(r["id"], r)
     order = {it["id"]: k for k, it in enumerate(items)}
     rows = sorted(got.values(), key=lambda r: order.get(r["id"], len(order)))
-    tmp = os.path.join(d, ".samples.jsonl.tmp")
-    with open(tmp, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
-    os.replace(tmp, os.path.join(d, "samples.jsonl"))
+    write_text(os.path.join(d, "samples.jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
     for f in parts:
         os.remove(os.path.join(d, f))
     return rows
 
-
 def run_bench(net, tok, bench, style, items, cfg, rank, world, device, chat_style, system) -> list[dict]:
-    """Generate and score every item not yet in OUT/style/bench/samples.jsonl; returns all rows (rank 0)."""
-    import torch.distributed as dist
-
-    from train import print0
+    """Generate and score every item not yet in OUT/style/bench/samples.jsonl; rank 0 returns all the rows."""
     d = os.path.join(cfg.out, style, bench)
     if rank == 0:
         os.makedirs(d, exist_ok=True)
-        merge_samples(d, items)  # also drops a line a killed run left half-written
+        merge_samples(d, items)  # also drops the line a killed run left half-written
     dist.barrier()
     done = {r["id"] for r in read_jsonl(os.path.join(d, "samples.jsonl"))}
-    chat = (DECODING[style]["chat"] or cfg.chat) and not cfg.raw
-    rows, todo, it_tok = [], [], M.IMAGE_ID
+    chat, todo, errors = (style == "standard" or cfg.chat) and not cfg.raw, [], []
     for it in items:
-        base = {"benchmark": bench, "style": style, "id": it["id"], "prompt": None, "output": "", "parsed": None,
-                "correct": False, "category": it["category"], "error": it["error"]}
-        if not it["error"]:
-            try:
-                text, it["order"] = PROMPTS[style](bench, it)
-                base["prompt"] = text
-                it["ids"] = encode_prompt(tok, text, chat, chat_style, system)
-            except ValueError as e:
-                if "style=" in str(e):  # the model's chat style cannot hold this row: a mismatch, not a bad row
-                    raise SystemExit(f"{bench} ({style}): {e} (chat style {chat_style!r}); use --raw") from None
-                base["error"] = f"{BENCHES[bench]} index {it['id']}: {e}"
-        it["row"] = base
-        if base["error"]:
-            rows.append(base)
-        else:
-            todo.append(it)
-    # Length buckets over *all* items (done or not), so a batch holds the same rows in any run and at any world
-    # size; each rank takes whole batches.
-    n_img = net.config.image_tokens
-    todo.sort(key=lambda it: len(it["ids"]) + (n_img - 1) * sum(t == it_tok for t in it["ids"]))
+        it["row"] = r = {"benchmark": bench, "style": style, "id": it["id"], "prompt": None, "output": "",
+                         "parsed": None, "correct": False, "category": it["category"], "error": it["error"]}
+        try:
+            if not r["error"]:
+                r["prompt"], it["order"] = PROMPTS[style](bench, it)
+                it["ids"] = encode_prompt(tok, r["prompt"], chat, chat_style, system)
+                todo.append(it)
+        except ValueError as e:
+            if "style=" in str(e):  # the model's chat style cannot hold this row: a mismatch, not a bad row
+                raise SystemExit(f"{bench} ({style}): {e} (chat style {chat_style!r}); use --raw") from None
+            r["error"] = f"{BENCHES[bench]} index {it['id']}: {e}"
+        if r["error"] and rank == 0 and it["id"] not in done:
+            errors.append(r)
+    # Length buckets over all items, done or not, so that a batch holds the same rows in every run at every world
+    # size (the same shapes, the same numbers); each rank takes whole batches.
+    todo.sort(key=lambda it: len(it["ids"]) + (net.config.image_tokens - 1) * it["ids"].count(M.IMAGE_ID))
     batches = [todo[i:i + cfg.batch_size] for i in range(0, len(todo), cfg.batch_size)]
     mine = [b for b in batches[rank::world] if any(it["id"] not in done for it in b)]
     part = os.path.join(d, "samples.jsonl" if world == 1 else f"samples.rank{rank}.jsonl")
-    if rank == 0:
-        with open(part, "a") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows if r["id"] not in done)
-    stops = [tok.encode(c)[0] for c in (".", ",", "\n")] if style == "paper" else [tok.eos_id]
-    letters = [tok.encode(c)[0] for c in "ABCD"]
-    likelihood = bench == "ai2d" and style == "paper"
-    loader = torch.utils.data.DataLoader(Batches(mine, net.config.vision.image_size), batch_size=None,
-                                         num_workers=cfg.workers, prefetch_factor=2 if cfg.workers else None)
-    t0, n_done, total, firsts = time.time(), 0, sum(len(b) for b in mine), []
+    with open(part, "a") as f:
+        f.writelines(json.dumps(r) + "\n" for r in errors)
+    stops = [tok.encode(c)[0] for c in ".,\n"] if style == "paper" else [tok.eos_id]
+    letters, likelihood = [tok.encode(c)[0] for c in "ABCD"], bench == "ai2d" and style == "paper"
+    new_tokens = 1 if likelihood else cfg.max_new_tokens or MAX_NEW_TOKENS[style]
+    loader = torch.utils.data.DataLoader(list(enumerate(mine)), batch_size=None, num_workers=cfg.workers,
+                                         collate_fn=functools.partial(decode_batch, size=net.config.vision.image_size))
+    t0, n_done, total, firsts = time.time(), 0, sum(map(len, mine)), []
 
-    def first_probs(_tokens, logits):  # AI2D (paper): the letters' probabilities at the first position
-        firsts.append(logits.float().softmax(-1)[:, letters])
+    def first_probs(_tokens, logits):  # AI2D (paper): the letters' renormalised probabilities at the first position
+        p = logits.float().softmax(-1)[:, letters]
+        firsts.extend((p / p.sum(-1, keepdim=True)).tolist())
     for k, pixels in loader:
         batch, firsts[:] = list(zip(mine[k], pixels)), []
         ok = [(it, px) for it, px in batch if not isinstance(px, str)]
         if ok:
-            pv = torch.stack([p for _, px in ok for p in px]).to(device)
-            pv = M.normalize_pixels(pv, net.vision.pos_embed.dtype)
-            outs = net.generate([it["ids"] for it, _ in ok], pv, 1 if likelihood else
-                                cfg.max_new_tokens or DECODING[style]["max_new_tokens"], stop_ids=stops, keep_stop=True,
+            pv = M.normalize_pixels(torch.stack([p for _, px in ok for p in px]).to(device), net.vision.pos_embed.dtype)
+            outs = net.generate([it["ids"] for it, _ in ok], pv, new_tokens, stop_ids=stops, keep_stop=True,
                                 callback=first_probs if likelihood else None)
-        out_rows, j = [], 0
+            got = dict(zip([it["id"] for it, _ in ok], zip(outs, firsts if likelihood else [None] * len(ok))))
+        rows = []
         for it, px in batch:
             r = dict(it["row"])
             if isinstance(px, str):
                 r["error"] = f"{BENCHES[bench]} index {it['id']}: {px}"
             else:
-                probs = (firsts[0][j] / firsts[0][j].sum()).tolist() if likelihood else None
-                r["output"] = "ABCD"[probs.index(max(probs))] if likelihood else tok.decode(outs[j]).strip()
-                r["parsed"], r["correct"], s = score_row(bench, style, it, r["output"], probs)
-                if s is not None:
-                    r["score"] = s
-                if probs:
-                    r["probs"] = probs
-                j += 1
-            if it["id"] not in done:
-                out_rows.append(r)
+                ids, probs = got[it["id"]]
+                r["output"] = "ABCD"[probs.index(max(probs))] if likelihood else tok.decode(ids).strip()
+                r["parsed"], r["correct"], score = score_row(bench, style, it, r["output"], probs)
+                r.update({"score": score} if score is not None else {}, **({"probs": probs} if probs else {}))
+            rows += [r] if it["id"] not in done else []
         with open(part, "a") as f:  # appended as they finish: a killed run resumes from here
-            f.writelines(json.dumps(r) + "\n" for r in out_rows)
+            f.writelines(json.dumps(r) + "\n" for r in rows)
         n_done += len(batch)
         rate = n_done / max(1e-9, time.time() - t0)
         print0(f"  {style}/{bench}: {n_done}/{total} rows (rank 0) | {rate:.2f} rows/s | ETA "
@@ -844,81 +713,56 @@ def run_bench(net, tok, bench, style, items, cfg, rank, world, device, chat_styl
     dist.barrier()
     return merge_samples(d, items) if rank == 0 else []
 
-
-def md5(path: str) -> str:
-    import hashlib
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def write_results(out: str, results: list[dict], skipped: list[str]):
+def write_results(out: str, results: list[dict], skipped: list[str]) -> str:
     M.write_json(os.path.join(out, "results.json"), results)
-    lines = ["| benchmark | style | metric | score | n | errors |", "|---|---|---|---|---|---|"]
-    lines += [f"| {r['benchmark']} | {r['style']} | {r['metric']}{' *' if r['primary'] else ''} | "
-              f"{100 * r['score']:.1f} | {r['n']} | {r['n_error']} |" for r in results]
-    notes = ["", "`*` the benchmark's primary metric. paper = the Open-Qwen2VL harness's prompts, decoding and rules; "
-             "standard = the benchmarks' own (circular MMBench, VLMEvalKit prompts). MathVista standard: rule-based "
-             "extraction only, no LLM judge. TextVQA: no OCR-token variant (the TSV has no OCR tokens)."]
-    notes += [f"skipped {s}" for s in skipped]
-    text = "\n".join(lines + notes) + "\n"
-    with open(os.path.join(out, ".results.md.tmp"), "w") as f:
-        f.write(text)
-    os.replace(os.path.join(out, ".results.md.tmp"), os.path.join(out, "results.md"))
+    lines = ["| benchmark | style | metric | score | n | errors |", "|---|---|---|---|---|---|"] + [
+        f"| {r['benchmark']} | {r['style']} | {r['metric']}{' *' if r['primary'] else ''} | {100 * r['score']:.1f} | "
+        f"{r['n']} | {r['n_error']} |" for r in results]
+    lines += ["", "`*` the benchmark's primary metric. paper = the Open-Qwen2VL harness's prompts, decoding and "
+              "rules; standard = the benchmarks' own (circular MMBench, VLMEvalKit prompts). MathVista standard: "
+              "rule-based extraction only, no LLM judge. TextVQA: no OCR-token variant (the TSVs have no OCR tokens)."]
+    write_text(os.path.join(out, "results.md"), text := "\n".join(lines + [f"skipped {s}" for s in skipped]) + "\n")
     return text
-
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["compare"]:
-        return compare_main(argv[1:])
-    if argv[:1] == ["chat"]:
-        return chat_main(argv[1:])
+    if argv[:1] in (["compare"], ["chat"]):
+        return (compare_main if argv[0] == "compare" else chat_main)(argv[1:])
     cfg = M.parse_config(Config, argv)
-    from train import print0, setup
+    styles, names = [s for s in cfg.style.split(",") if s], [b for b in cfg.bench.split(",") if b] or list(BENCHES)
+    if bad := [x for x in styles if x not in MAX_NEW_TOKENS] + [b for b in names if b not in BENCHES]:
+        raise SystemExit(f"unknown style or benchmark {bad} (styles: paper, standard; benchmarks: {', '.join(BENCHES)})")
     rank, world, device = setup()
     try:
         if not cfg.data:
             import toyworld
             cfg.data = os.path.join(toyworld.ensure() if rank == 0 else toyworld.default_root(), "eval")
-        styles = [s for s in cfg.style.split(",") if s]
-        names = [b for b in cfg.bench.split(",") if b] or list(BENCHES)
-        bad = [x for x in styles if x not in DECODING] + [b for b in names if b not in BENCHES]
-        if bad:
-            raise SystemExit(f"unknown style or benchmark {bad} (styles {list(DECODING)}, benchmarks {list(BENCHES)})")
-        present = [b for b in names if os.path.isfile(os.path.join(cfg.data, BENCHES[b]))]
-        skipped = [f"{b}: {os.path.join(cfg.data, BENCHES[b])} not found" for b in names if b not in present]
+        paths = {b: os.path.join(cfg.data, BENCHES[b]) for b in names}
+        skipped = [f"{b}: {p} not found" for b, p in paths.items() if not os.path.isfile(p)]
         for s in skipped:
             print0(f"skipped {s}")
+        paths = {b: p for b, p in paths.items() if os.path.isfile(p)}
         net, tok, chat_style, system = load_model(cfg, device)
-        benches = {b: load_bench(b, os.path.join(cfg.data, BENCHES[b])) for b in present}
+        benches, md5 = {b: load_bench(b, p)[:cfg.limit or None] for b, p in paths.items()}, {}
+        for b, p in paths.items():
+            with open(p, "rb") as f:
+                md5[b] = hashlib.file_digest(f, "md5").hexdigest()
         results = []
         for style in styles:
             for b, items in benches.items():
-                items = items[:cfg.limit] if cfg.limit else items
                 rows = run_bench(net, tok, b, style, items, cfg, rank, world, device, chat_style, system)
-                if rank == 0:
-                    by_id = {it["id"]: it for it in items}
-                    n_err = sum(r["error"] is not None for r in rows)
-                    for metric, score, primary, n in bench_metrics(b, style, rows, by_id):
-                        results.append({"benchmark": b, "style": style, "metric": metric, "score": score, "n": n,
-                                        "n_error": n_err, "primary": primary, "model": cfg.model,
-                                        "data": os.path.join(cfg.data, BENCHES[b]),
-                                        "md5": md5(os.path.join(cfg.data, BENCHES[b]))})
+                n_err = sum(r["error"] is not None for r in rows)
+                results += [{"benchmark": b, "style": style, "metric": metric, "score": score, "n": n,
+                             "n_error": n_err, "primary": primary, "model": cfg.model, "data": paths[b], "md5": md5[b]}
+                            for metric, score, primary, n in (bench_metrics(b, style, rows, {it["id"]: it for it in
+                                                                                          items}) if rank == 0 else [])]
         if rank == 0:
             print(write_results(cfg.out, results, skipped))
         return results
     finally:
-        import torch.distributed as dist
         dist.destroy_process_group()
 
-
-# -----------------------------------------------------------------------------------------------------------------
 # compare: are two runs really different? McNemar on the paired right/wrong table.
-
-
 def mcnemar(only_a: int, only_b: int) -> dict:
     """statsmodels mcnemar(exact=True): two-sided binomial on the discordant pairs, statistic min(b, c); and the
     chi-square version with continuity correction, (|b - c| - 1)^2 / (b + c) on 1 degree of freedom."""
@@ -927,33 +771,28 @@ def mcnemar(only_a: int, only_b: int) -> dict:
     chi2 = (abs(only_a - only_b) - 1) ** 2 / n if n else 0.0
     return {"statistic": k, "p_exact": p_exact, "chi2": chi2, "p_chi2": math.erfc(math.sqrt(chi2 / 2)) if n else 1.0}
 
-
 def _outcomes(rows: list[dict], bench: str, style: str) -> dict:
-    """id -> right/wrong. Standard MMBench: a question is right iff every circular copy is."""
-    if bench == "mmbench" and style == "standard":
-        g = {}
-        for r in rows:
-            q = str(int(r["id"]) % 1_000_000)
-            g[q] = g.get(q, True) and bool(r["correct"])
-        return g
-    return {r["id"]: bool(r["correct"]) for r in rows}  # TextVQA: correct = soft score 1.0
-
+    """id -> right. Standard MMBench: a question is right iff all its circular copies are. TextVQA: score 1.0."""
+    if bench != "mmbench" or style != "standard":
+        return {r["id"]: bool(r["correct"]) for r in rows}
+    g = {}
+    for r in rows:
+        q = str(int(r["id"]) % 1_000_000)
+        g[q] = g.get(q, True) and bool(r["correct"])
+    return g
 
 def compare(run_a: str, run_b: str, style: str = "") -> dict:
     out = {}
     for s in [style] if style else sorted(os.listdir(run_a)):
         for b in sorted(BENCHES):
             pa, pb = (os.path.join(r, s, b, "samples.jsonl") for r in (run_a, run_b))
-            if not (os.path.isfile(pa) and os.path.isfile(pb)):
-                continue
-            a, c = _outcomes(read_jsonl(pa), b, s), _outcomes(read_jsonl(pb), b, s)
-            keys = sorted(set(a) & set(c))
-            t = {"n": len(keys), "both": sum(a[k] and c[k] for k in keys),
-                 "only_a": sum(a[k] and not c[k] for k in keys), "only_b": sum(c[k] and not a[k] for k in keys),
-                 "neither": sum(not a[k] and not c[k] for k in keys)}
-            out.setdefault(s, {})[b] = {**t, **mcnemar(t["only_a"], t["only_b"])}
+            if os.path.isfile(pa) and os.path.isfile(pb):
+                a, c = _outcomes(read_jsonl(pa), b, s), _outcomes(read_jsonl(pb), b, s)
+                pairs = Counter((a[k], c[k]) for k in set(a) & set(c))
+                t = {"n": sum(pairs.values()), "both": pairs[True, True], "only_a": pairs[True, False],
+                     "only_b": pairs[False, True], "neither": pairs[False, False]}
+                out.setdefault(s, {})[b] = {**t, **mcnemar(t["only_a"], t["only_b"])}
     return out
-
 
 @dataclass
 class CompareConfig:
@@ -961,74 +800,53 @@ class CompareConfig:
     style: str = ""
     json: bool = False
 
-
 def compare_main(argv):
     if len(argv) < 2 or argv[0].startswith("-") or argv[1].startswith("-"):
         raise SystemExit("usage: python eval.py compare RUN_A RUN_B [--style S] [--json]")
     cfg = M.parse_config(CompareConfig, argv[2:])
     res = compare(argv[0], argv[1], cfg.style)
-    if cfg.json:
-        print(json.dumps(res))
-        return res
-    for s, benches in res.items():
+    for s, benches in res.items() if not cfg.json else []:
         for b, t in benches.items():
             print(f"{s:8} {b:11} n {t['n']:5}  both {t['both']:5}  only A {t['only_a']:4}  only B {t['only_b']:4}  "
-                  f"neither {t['neither']:5}  McNemar exact p {t['p_exact']:.4g}  chi2 {t['chi2']:.3f} "
-                  f"p {t['p_chi2']:.4g}" + ("  (TextVQA: right = soft score 1.0)" if b == "textvqa" else "") +
+                  f"neither {t['neither']:5}  McNemar exact p {t['p_exact']:.4g}  chi2 {t['chi2']:.3f} p "
+                  f"{t['p_chi2']:.4g}" + ("  (right = soft score 1.0)" if b == "textvqa" else "") +
                   ("  (circular questions)" if b == "mmbench" and s == "standard" else ""))
+    if cfg.json:
+        print(json.dumps(res))
     return res
 
-
-# -----------------------------------------------------------------------------------------------------------------
 # chat: one answer, streamed
-
-
 @dataclass
-class ChatConfig:
+class ChatConfig(Config):
     """python eval.py chat --model SRC --image a.jpg [--image b.jpg] "prompt" [--temperature T] [--top-p P]"""
-    model: str = "runs/sft/final"
-    vision: str = ""
-    llm: str = ""
-    tokenizer: str = ""
     temperature: float = 0.0
     top_p: float = 1.0
-    max_new_tokens: int = 256
-    raw: bool = False
     seed: int = 0
 
-
 def chat_main(argv):
-    images, rest, k = [], [], 0
-    while k < len(argv):
-        if argv[k] == "--image":
-            images.append(argv[k + 1])
-            k += 2
-        else:
-            rest.append(argv[k])
-            k += 1
+    flags = [k for k, a in enumerate(argv) if a == "--image"]  # repeatable: taken out before parse_config
+    images = [argv[k + 1] for k in flags if k + 1 < len(argv)]
+    rest = [a for k, a in enumerate(argv) if k not in flags and k - 1 not in flags]
     if not rest or rest[-1].startswith("--"):
         raise SystemExit('usage: python eval.py chat --model SRC --image a.jpg [--image b.jpg] "prompt"')
     cfg = M.parse_config(ChatConfig, rest[:-1])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     net, tok, chat_style, system = load_model(cfg, device)
-    text, _ = _place(rest[-1], len(images))
-    ids = encode_prompt(tok, text, not cfg.raw, chat_style, system)
+    ids = encode_prompt(tok, _place(rest[-1], len(images))[0], not cfg.raw, chat_style, system)
     pv = torch.stack([M.preprocess(p, net.config.vision.image_size) for p in images]).to(
         device, net.vision.pos_embed.dtype) if images else None
     shown, new = "", []
 
-    def stream(t, _logits):  # print the decoded text as it grows (a token can be part of a character)
+    def stream(t, _logits):  # print the text as it grows (a token can end inside a character)
         nonlocal shown
         new.append(int(t[0]))
-        s = tok.decode(new)
-        if not s.endswith("\ufffd"):
+        if not (s := tok.decode(new)).endswith("\ufffd"):
             print(s[len(shown):], end="", flush=True)
             shown = s
-    net.generate([ids], pv, cfg.max_new_tokens, stop_ids=[tok.eos_id], temperature=cfg.temperature,
+    net.generate([ids], pv, cfg.max_new_tokens or 256, stop_ids=[tok.eos_id], temperature=cfg.temperature,
                  top_p=cfg.top_p, seed=cfg.seed, callback=stream)
     print()
     return shown
-
 
 if __name__ == "__main__":
     main()
