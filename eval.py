@@ -1,8 +1,8 @@
 """
 Evaluation (reference.md §5, ../shared/design/eval-rules.md, formats.md §1): the paper's eight benchmarks plus
-RealWorldQA and MUIRBench from VLMEvalKit's TSV files, generated with the KV cache and scored two ways, each named in
-every result: `paper` reproduces the Open-Qwen2VL harness (raw prompts, 16 greedy tokens that stop at "." "," "\\n",
-substring matching), `standard` the benchmarks' own rules (chat prompts, VLMEvalKit's prompts, circular MMBench).
+RealWorldQA and MUIRBench from VLMEvalKit's TSVs, generated with the KV cache and scored two ways, named in every
+result: `paper` = the Open-Qwen2VL harness (raw prompts, 16 greedy tokens stopping at "." "," "\\n", substring
+matching); `standard` = the benchmarks' own rules (chat prompts, VLMEvalKit's prompts, circular MMBench).
 
     python eval.py                                   # runs/sft/final on the toy world's sets, both styles
     python eval.py --model runs/sft/final --data ~/LMUData --bench mmbench,pope --style standard --limit 200
@@ -51,8 +51,7 @@ something'd've something'll that's there'd there'd've there're there's they'd th
 wasn't we'd've we've weren't what'll what're what's what've when's where'd where's where've who'd who'd've who'll
 who's who've why'll why're why's won't would've wouldn't wouldn't've y'all y'all'll y'all'd've you'd you'd've you'll
 you're you've""".split() for i, ch in enumerate(v) if ch == "'"} | {"somebody'd": "somebodyd"}
-NUMBERS = {w: str(i) for i, w in enumerate("zero one two three four five six seven eight nine ten".split())}
-NUMBERS["none"] = "0"
+NUMBERS = dict(zip("none zero one two three four five six seven eight nine ten".split(), ["0", *map(str, range(11))]))
 PUNCT = list(';/[]"{}()=+\\_-><@`,?!')
 PERIOD_M4C = re.compile(r"(?!<=\d)(\.)(?!\d)")  # sic: "(?!<=" is a lookahead, so "3.5." -> "3.5"
 PERIOD_VK = re.compile(r"(?<!\d)\.(?!\d)")
@@ -82,12 +81,10 @@ def vqa_accuracy(prediction: str, gt_answers: list[str]) -> float:
     return _vqa_soft(vqa_normalize(prediction), [vqa_normalize(a) for a in gt_answers])
 
 def _vk_answer(a: str) -> str:
-    a = a.replace("\n", " ").replace("\t", " ").strip()
-    return _digits_articles(_punctuation(a, PERIOD_VK, r"(\d)(,)(\d)"))
+    return _digits_articles(_punctuation(a.replace("\n", " ").replace("\t", " ").strip(), PERIOD_VK, r"(\d)(,)(\d)"))
 
 def vqa_accuracy_vlmevalkit(prediction: str, gt_answers: list[str]) -> float:
-    """VLMEvalKit dataset/utils/vqa_eval.py process_answer + process_line(vqa_score): no "'s" split, fixed period
-    regex."""
+    """VLMEvalKit dataset/utils/vqa_eval.py process_answer + process_line(vqa_score): no "'s" split, fixed regex."""
     return _vqa_soft(_vk_answer(prediction), [_vk_answer(a) for a in gt_answers])
 
 def vqa_harness_postprocess(generation: str) -> str:
@@ -109,8 +106,7 @@ def mc_correct_oq_substring_cs(response: str, gt: str) -> bool:
     return gt in response
 
 def mc_choice_extract(response: str, choices: dict):
-    """VLMEvalKit utils/matching_util.py can_infer: can_infer_option, then can_infer_text. A letter, "Z" (refusal)
-    or False (nothing inferred: scored wrong under exact matching)."""
+    """VLMEvalKit can_infer (option, then text): a letter, "Z" (refusal) or False (none: wrong under exact matching)."""
     response = str(response)
     if any(r in response for r in REFUSALS):
         return "Z"
@@ -120,35 +116,28 @@ def mc_choice_extract(response: str, choices: dict):
         return found[0]
     if not found and "Z" in splits:
         return "Z"
-    m = ANSWER_IS.search(response)
-    if m and m.group(1).upper() in choices:
+    if (m := ANSWER_IS.search(response)) and m.group(1).upper() in choices:
         return m.group(1).upper()
-    low, texts = response.lower(), {k: str(v).lower() for k, v in choices.items()}
-    if len(response) <= 2 * sum(map(len, texts.values())):
-        hits = [k for k, v in texts.items() if v in low]
-        if len(hits) == 1:
-            return hits[0]
-    return False
+    texts = {k: str(v).lower() for k, v in choices.items()}
+    hits = [k for k, v in texts.items() if v in response.lower()]
+    return hits[0] if len(hits) == 1 and len(response) <= 2 * sum(map(len, texts.values())) else False
 
 def mmbench_rowwise_oq(rows: list[dict]) -> float:
     """OQ MMBenchScorer: substring test per row, mean over every row (circular copies included)."""
     return sum(mc_correct_oq_substring(response=r["prediction"], gt=r["answer"]) for r in rows) / len(rows)
 
 def mmbench_circular(rows: list[dict]) -> dict:
-    """VLMEvalKit mcq_circular_eval (exact matching): question q scores 1 iff the extracted letter equals the answer
-    in every rotation (index % 1_000_000 == q). Mean over the questions."""
+    """VLMEvalKit mcq_circular_eval: q scores 1 iff the extracted letter is right in each rotation (index % 1e6)."""
     hit = {}
     for r in rows:
-        q = str(int(r["index"]) % 1_000_000)
         choices = {c: r[c] for c in string.ascii_uppercase if r.get(c) is not None}
-        ok = mc_choice_extract(response=r["prediction"], choices=choices) == r["answer"]
-        hit[q] = int(hit.get(q, 1) and ok)
+        q, ok = str(int(r["index"]) % 1_000_000), mc_choice_extract(response=r["prediction"], choices=choices)
+        hit[q] = int(hit.get(q, 1) and ok == r["answer"])
     return {"per_question_hit": hit, "accuracy": sum(hit.values()) / len(hit) if hit else 0.0}
 
 def ai2d_correct_oq(mc_probabilities, ground_truth_answer) -> bool:
     """OQ AI2DScorer: argmax of the A-D probabilities (ties to the lower index) equals the answer's index."""
-    probs = list(mc_probabilities)
-    return probs.index(max(probs)) == int(ground_truth_answer)
+    return (p := list(mc_probabilities)).index(max(p)) == int(ground_truth_answer)
 
 # MMMU (eval-rules §7): the OQ/lmms-eval parser and MMMU's official one differ in how a bare letter is found.
 def _mmmu_parse(response, all_choices, index2ans, official: bool, seed):
@@ -165,8 +154,6 @@ def _mmmu_parse(response, all_choices, index2ans, official: bool, seed):
         cands, how = [c for c in all_choices if index2ans[c].lower() in response.lower()], "text"
     if not cands:  # the reference draws from an unseeded (OQ) or import-seeded (MMMU) global RNG; ours is per call
         return random.Random(seed).choice(all_choices)
-    if len(cands) == 1:
-        return cands[0]
     pos = [response.rfind(f"({c})") if how == "brackets" else response.rfind(f" {c} ") if how == "letter"
            else response.lower().rfind(index2ans[c].lower()) for c in cands]
     return cands[pos.index(max(pos))]
@@ -187,7 +174,8 @@ def _normalize_str(s: str) -> list:
         s = s.lower()
     return [" " + s, s + " "] if len(s) == 1 else [s]
 
-NUM_PATTERNS = (r"-?\b\d{1,3}(?:,\d{3})+\b", r"-?\d+(?:\.\d+)?[eE][+-]?\d+", r"-?(?:\d+\.\d+|\.\d+|\d+)(?![eE][+-]?\d+)(?![,\d])")
+NUM_PATTERNS = (r"-?\b\d{1,3}(?:,\d{3})+\b", r"-?\d+(?:\.\d+)?[eE][+-]?\d+",
+                r"-?(?:\d+\.\d+|\.\d+|\d+)(?![eE][+-]?\d+)(?![,\d])")  # commas, scientific, simple
 KEY_INDICATORS = ["could be ", "so ", "is ", "thus ", "therefore ", "final ", "answer ", "result "]
 
 def mmmu_parse_open(response: str) -> list:
@@ -207,15 +195,10 @@ def mmmu_parse_open(response: str) -> list:
     return list({x for p in preds for x in _normalize_str(p)})
 
 def mmmu_open(gold, response: str) -> bool:
-    """eval_open(gold, parse_open_response(response)): a string pred is right if some string gold is a substring
-    of it; a number if it is among the gold numbers."""
+    """eval_open: a string pred is right if a string gold is a substring of it; a number if it is a gold number."""
     golds = [x for g in gold for x in _normalize_str(g)] if isinstance(gold, list) else _normalize_str(gold)
-    for p in mmmu_parse_open(response):
-        if isinstance(p, str) and any(isinstance(g, str) and g in p for g in golds):
-            return True
-        if not isinstance(p, str) and p in golds:
-            return True
-    return False
+    return any(any(isinstance(g, str) and g in p for g in golds) if isinstance(p, str) else p in golds
+               for p in mmmu_parse_open(response))
 
 def mmmu_eval_multi_choice(gold, pred) -> bool:
     return pred in gold if isinstance(gold, list) else gold == pred
@@ -257,23 +240,17 @@ def mathvista_normalize(extraction, choices, question_type, answer_type, precisi
         if extraction in (options := [chr(ord("A") + i) for i in range(len(choices))]):
             return choices[options.index(extraction)]
         return min(choices, key=lambda c: _levenshtein(extraction, c))  # the first of the nearest, as list.index
+    convert = {"integer": lambda x: str(int(float(x))), "float": lambda x: str(round(float(x), int(precision))),
+               "list": str}.get(answer_type, lambda x: x)
     try:
-        if answer_type == "integer":
-            return str(int(float(extraction)))
-        if answer_type == "float":
-            return str(round(float(extraction), int(precision)))
-        if answer_type == "list":
-            return str(extraction)
+        return convert(extraction)
     except (ValueError, TypeError):
         return None
-    return extraction
 
 def mathvista_correct_official(response: str, problem: dict, answer, precision) -> bool:
     ext = mathvista_extract_rule(response=response, problem=problem)
-    norm = mathvista_normalize(extraction=ext, choices=problem.get("choices") or [],
-                               question_type=problem["question_type"], answer_type=problem["answer_type"],
-                               precision=precision)
-    return norm == answer  # safe_equal
+    return mathvista_normalize(extraction=ext, choices=problem.get("choices") or [], question_type=problem[
+        "question_type"], answer_type=problem["answer_type"], precision=precision) == answer  # safe_equal
 
 # POPE (eval-rules §10)
 def pope_parse_oq(response: str):
@@ -308,22 +285,18 @@ def pope_metrics_vlmevalkit(predictions: list[str], labels: list[str]) -> dict:
     ext = [pope_parse_vlmevalkit(response=p) for p in predictions]
     m = _confusion([e == "Yes" for e in ext], [g == "Yes" for g in labels])
     acc = sum(e == g for e, g in zip(ext, labels)) / max(1, len(ext))
-    return {"f1": 100 * m["f1"], "accuracy": 100 * acc, "precision": 100 * m["precision"],
-            "recall": 100 * m["recall"]}
+    return {"f1": 100 * m["f1"], "accuracy": 100 * acc, "precision": 100 * m["precision"], "recall": 100 * m["recall"]}
 
 def pope_metrics_oq(splits: dict) -> dict:
-    """OQ PopeScorer: exact yes/no after the strip, accuracy and F1 (sklearn, yes = 1) per split; final = the
-    unweighted mean of the splits."""
+    """OQ PopeScorer: exact yes/no after the strip; accuracy and F1 (yes = 1) per split; final = their plain mean."""
     out = {}
     for name, s in splits.items():
         parsed = [pope_parse_oq(response=o) for o in s["model_outputs"]]
         gts = [str(g).lower() for g in s["labels"]]
         out[f"POPE-{name}-Accuracy"] = sum(p == g for p, g in zip(parsed, gts)) / max(1, len(gts))
         out[f"POPE-{name}-F1"] = _confusion([p == "yes" for p in parsed], [g == "yes" for g in gts])["f1"]
-    for k in ("Accuracy", "F1"):
-        vals = [out[f"POPE-{n}-{k}"] for n in splits]
-        out[f"POPE-final-{k}"] = sum(vals) / len(vals) if vals else 0.0
-    return out
+    return out | {f"POPE-final-{k}": sum(out[f"POPE-{n}-{k}"] for n in splits) / max(1, len(splits))
+                  for k in ("Accuracy", "F1")}
 
 RULES = {f.__name__: f for f in (
     vqa_harness_postprocess, vqa_normalize, vqa_accuracy, textvqa_oq_score, vqa_accuracy_vlmevalkit,
@@ -362,8 +335,7 @@ def _literal(cell: str, what: str):
         raise ValueError(f"unparsable {what} cell {cell[:40]!r}") from None
 
 def row_images(row: dict, image_of: dict) -> list[str]:
-    """The base64 images of a row: one base64 string, a list literal of them, or (<= 64 chars) the index of another
-    row whose image is reused."""
+    """One base64 image, a list literal of them, or (<= 64 chars) the index of the row whose image is reused."""
     cell = row.get("image")
     if cell is None:
         raise ValueError("no image")
@@ -384,8 +356,7 @@ def _answers(cell: str) -> list[str]:
     return list(map(str, got))
 
 def load_bench(name: str, path: str) -> list[dict]:
-    """One item per row: id, images (base64), category, error (None or why the row cannot be asked) and the fields
-    its prompts and rules need."""
+    """One item per row: id, images (base64), category, error (None or why it cannot be asked), and its fields."""
     rows = read_tsv(path)
     if name == "mmmu":
         rows = [r for r in rows if r.get("split") in (None, "validation")]  # MMMU_DEV_VAL: report validation
@@ -398,11 +369,10 @@ def load_bench(name: str, path: str) -> list[dict]:
             if it["error"]:
                 raise ValueError(it["error"])
             it["images"] = row_images(r, image_of)
-            if r.get("answer") is None:
-                raise ValueError("no answer")
-            it["answer"] = r["answer"]
-            it["options"] = {c: r[c] for c in string.ascii_uppercase if r.get(c) is not None}
-            it["hint"] = r.get("hint")
+            if r.get("answer") is None or name == "pope" and r["answer"] not in ("Yes", "No"):
+                raise ValueError(f"answer {r.get('answer')!r}")
+            it.update(answer=r["answer"], hint=r.get("hint"),
+                      options={c: r[c] for c in string.ascii_uppercase if r.get(c) is not None})
             if name == "mmmu":
                 it["open"] = "A" not in it["options"]
                 it["subfield"] = r.get("l2-category") or r.get("category") or ""
@@ -415,11 +385,10 @@ def load_bench(name: str, path: str) -> list[dict]:
                 it["splits"] = (r.get("category") or "pope").split(",")
             if name == "mathvista":
                 choices = _literal(r["choices"], "choices") if r.get("choices") else None
-                dec = r["answer"].split(".")[1] if "." in r["answer"] else ""
-                it["problem"] = {"question_type": r.get("question_type") or "free_form", "choices": choices,
-                                 "answer_type": r.get("answer_type") or "text"}
-                it["precision"] = float(r["precision"]) if r.get("precision") else len(dec)  # absent: GT's decimals
-                it["answer_option"] = r.get("answer_option")
+                dec = r["answer"].split(".")[1] if "." in r["answer"] else ""  # no precision column: GT's decimals
+                it.update(problem={"question_type": r.get("question_type") or "free_form", "choices": choices,
+                                   "answer_type": r.get("answer_type") or "text"}, answer_option=r.get("answer_option"),
+                          precision=float(r.get("precision") or len(dec)))
         except ValueError as e:
             it["error"] = f"{os.path.basename(path)} index {it['id']}: {e}"
         items.append(it)
@@ -432,12 +401,9 @@ IMAGE_TAG = re.compile(r"<image (\d)>")
 
 def _place(text: str, n: int) -> tuple[str, list[int]]:
     """Images at their "<image>" placeholders (in order), or all first when the text has none."""
-    k = text.count("<image>")
-    if k == 0:
-        return "<image>\n" * n + text, list(range(n))
-    if k != n:
+    if (k := text.count("<image>")) and k != n:
         raise ValueError(f"{k} <image> placeholders for {n} images")
-    return text, list(range(n))
+    return ("" if k else "<image>\n" * n) + text, list(range(n))
 
 def _mmmu_tags(text: str, n: int, cycle: bool) -> tuple[str, list[int]]:
     """MMMU's <image k> tags. paper: each tag -> "<image>\\n", images attached in order and cycled (OQ); standard:
@@ -450,18 +416,11 @@ def _mmmu_tags(text: str, n: int, cycle: bool) -> tuple[str, list[int]]:
     text = IMAGE_TAG.sub("<image>\n" if cycle else "<image>", text)
     return text, [j % n for j in range(len(tags))] if cycle else [t - 1 for t in tags]
 
-def _letters(it: dict) -> str:
-    return "ABCD" + "".join(c for c in string.ascii_uppercase[4:] if c in it["options"])  # always A-D, as OQ
-
-def _raw_question(query: str) -> str:
-    """MathVista's `question` from the TSV's full query ("Hint: ...\\nQuestion: ...\\nChoices: ..."), which OQ reads."""
-    m = re.search(r"Question: (.*?)(?:\nChoices:|$)", query, re.S)
-    return m.group(1).strip() if m else query
-
 def paper_prompt(bench: str, it: dict) -> tuple[str, list[int]]:
     """The OQ harness prompts (reference.md §5), raw strings fed after <s>."""
     q, n = it["question"], len(it["images"])
-    opts = "".join(f"\n{c}. {it['options'].get(c)}" for c in _letters(it)) if bench in MCQ else ""
+    letters = "ABCD" + "".join(c for c in string.ascii_uppercase[4:] if c in it.get("options", {}))  # A-D, as OQ
+    opts = "".join(f"\n{c}. {it['options'].get(c)}" for c in letters) if bench in MCQ else ""
     if bench in ("mmbench", "seedbench", "ai2d", "realworldqa"):
         return "<image>\n" + q + opts + MC_SUFFIX, [0]
     if bench == "muirbench":
@@ -469,7 +428,8 @@ def paper_prompt(bench: str, it: dict) -> tuple[str, list[int]]:
     if bench == "mmstar":
         return f"<image>\nQuestion: {q}" + MC_SUFFIX, [0]
     if bench == "mmmu":
-        head = f"The following are multiple choice questions about {''.join(' ' + w for w in it['subfield'].split('_'))}.\n\n"
+        subject = "".join(" " + w for w in it["subfield"].split("_"))  # MMLU's format_subject: the double space
+        head = f"The following are multiple choice questions about {subject}.\n\n"
         body = q + (VQA_SUFFIX if it["open"] else "".join(f"\n{c}. {v}" for c, v in it["options"].items()) + MC_SUFFIX)
         return _mmmu_tags(head + body, n, cycle=True)
     if bench in ("textvqa", "pope"):
@@ -478,7 +438,8 @@ def paper_prompt(bench: str, it: dict) -> tuple[str, list[int]]:
         p = it["problem"]
         tail = "".join(f"\n{chr(65 + i)}. {c}" for i, c in enumerate(p["choices"])) + MC_SUFFIX \
             if p["question_type"] == "multi_choice" else VQA_SUFFIX
-        return "<image>\n" + _raw_question(q) + tail, [0]
+        m = re.search(r"Question: (.*?)(?:\nChoices:|$)", q, re.S)  # OQ reads `question`, the TSV has the query
+        return "<image>\n" + (m.group(1).strip() if m else q) + tail, [0]
     raise ValueError(bench)
 
 def standard_prompt(bench: str, it: dict) -> tuple[str, list[int]]:
@@ -502,9 +463,8 @@ PROMPTS = {"paper": paper_prompt, "standard": standard_prompt}
 # Scoring: one row at a time (parsed, correct, soft score), then each benchmark's metrics.
 def score_row(bench: str, style: str, it: dict, out: str, probs=None) -> tuple:
     paper, gt = style == "paper", it["answer"]
-    if bench == "ai2d" and paper:
-        letter = "ABCD"[probs.index(max(probs))]
-        return letter, ai2d_correct_oq(mc_probabilities=probs, ground_truth_answer="ABCD".index(gt)), None
+    if bench == "ai2d" and paper:  # the output is already the most likely letter
+        return out, ai2d_correct_oq(mc_probabilities=probs, ground_truth_answer="ABCD".index(gt)), None
     if bench == "mmmu":
         if it["open"]:
             return sorted(map(str, mmmu_parse_open(response=out))), mmmu_open(gold=it["gold"], response=out), None
@@ -522,7 +482,8 @@ def score_row(bench: str, style: str, it: dict, out: str, probs=None) -> tuple:
         p = it["problem"]
         if paper:
             g = it["answer_option"] if p["question_type"] == "multi_choice" and it.get("answer_option") else gt
-            return out, mathvista_correct_oq(model_output=out, ground_truth_answer=g, answer_type=p["answer_type"]), None
+            return out, mathvista_correct_oq(model_output=out, ground_truth_answer=g, answer_type=p["answer_type"]), \
+                None
         return mathvista_extract_rule(response=out, problem=p), mathvista_correct_official(
             response=out, problem=p, answer=gt, precision=it["precision"]), None
     if paper:
@@ -555,10 +516,8 @@ def bench_metrics(bench: str, style: str, samples: list[dict], items: dict) -> l
             return [("accuracy", m["POPE-final-Accuracy"], True, n), ("f1", m["POPE-final-F1"], False, n)] + \
                 [(k, v, False, n) for k, v in m.items() if "final" not in k]
         per = {sp: pope_metrics(predictions=d["model_outputs"], labels=d["labels"]) for sp, d in sorted(by.items())}
-        mean = {k: sum(p[k] for p in per.values()) / len(per) for k in ("f1", "accuracy", "precision", "recall",
-                                                                          "yes_ratio")}
-        return [(k, v, k == "f1", n) for k, v in mean.items()] + [(f"f1_{sp}", p["f1"], False, n) for sp, p in
-                                                                   per.items()]
+        return [(k, sum(p[k] for p in per.values()) / len(per), k == "f1", n) for k in ("f1", "accuracy", "precision",
+                "recall", "yes_ratio")] + [(f"f1_{sp}", p["f1"], False, n) for sp, p in per.items()]
     return [("accuracy", acc, True, n)]
 
 # Running
@@ -579,6 +538,7 @@ class Config:
     limit: int = 0  # first N rows of each benchmark
     max_new_tokens: int = 0  # 0 = the style's
     workers: int = 2  # image-decoding dataloader workers
+    json: bool = False  # compare: print one JSON object
 
 MAX_NEW_TOKENS = {"paper": 16, "standard": 128}
 
@@ -589,22 +549,17 @@ def load_model(cfg, device):
     tok_path = cfg.tokenizer or net.tokenizer_path
     if not tok_path:
         raise SystemExit(f"{cfg.model}: no tokenizer.json found; pass --tokenizer")
-    saved, p = {}, os.path.join(cfg.model, "config.json")
-    if os.path.isfile(p):
-        with open(p) as f:
-            saved = json.load(f)
+    saved = weights.read_config(cfg.model) if os.path.isfile(os.path.join(cfg.model, "config.json")) else {}
     style, system = saved.get("chat_style") or "qwen2", saved.get("system", saved.get("system_prompt"))
     return net, M.Tokenizer(tok_path), style, system
 
 def encode_prompt(tok, text: str, chat: bool, chat_style: str, system) -> list[int]:
-    if chat:
-        turn = [{"from": "human", "value": text}]
-        return M.chat_tokens(tok, turn, style=chat_style, system=system, generation_prompt=True)[0]
-    return [tok.bos_id] + tok.encode_with_images(text)
+    turn = [{"from": "human", "value": text}]
+    return M.chat_tokens(tok, turn, style=chat_style, system=system, generation_prompt=True)[0] if chat else \
+        [tok.bos_id] + tok.encode_with_images(text)
 
 def decode_batch(job, size: int):
-    """(k, batch) -> (k, per item: its images decoded and resized (uint8), or why they could not be). Runs in the
-    dataloader workers."""
+    """In a dataloader worker: (k, batch) -> (k, per item its images decoded and resized (uint8), or why not)."""
     k, out = job[0], []
     for it in job[1]:
         try:
@@ -680,7 +635,7 @@ def run_bench(net, tok, bench, style, items, cfg, rank, world, device, chat_styl
     new_tokens = 1 if likelihood else cfg.max_new_tokens or MAX_NEW_TOKENS[style]
     loader = torch.utils.data.DataLoader(list(enumerate(mine)), batch_size=None, num_workers=cfg.workers,
                                          collate_fn=functools.partial(decode_batch, size=net.config.vision.image_size))
-    t0, n_done, total, firsts = time.time(), 0, sum(map(len, mine)), []
+    t0, shown, n_done, total, firsts = time.time(), 0.0, 0, sum(map(len, mine)), []
 
     def first_probs(_tokens, logits):  # AI2D (paper): the letters' renormalised probabilities at the first position
         p = logits.float().softmax(-1)[:, letters]
@@ -707,9 +662,10 @@ def run_bench(net, tok, bench, style, items, cfg, rank, world, device, chat_styl
         with open(part, "a") as f:  # appended as they finish: a killed run resumes from here
             f.writelines(json.dumps(r) + "\n" for r in rows)
         n_done += len(batch)
-        rate = n_done / max(1e-9, time.time() - t0)
-        print0(f"  {style}/{bench}: {n_done}/{total} rows (rank 0) | {rate:.2f} rows/s | ETA "
-               f"{(total - n_done) / rate:.0f}s", file=sys.stderr)
+        if (now := time.time()) - shown > 10 or n_done == total:  # a line every 10 s, and the last
+            shown, rate = now, n_done / max(1e-9, now - t0)
+            print0(f"  {style}/{bench}: {n_done}/{total} rows (rank 0) | {rate:.2f} rows/s | ETA "
+                   f"{(total - n_done) / rate:.0f}s", file=sys.stderr)
     dist.barrier()
     return merge_samples(d, items) if rank == 0 else []
 
@@ -730,8 +686,8 @@ def main(argv=None):
         return (compare_main if argv[0] == "compare" else chat_main)(argv[1:])
     cfg = M.parse_config(Config, argv)
     styles, names = [s for s in cfg.style.split(",") if s], [b for b in cfg.bench.split(",") if b] or list(BENCHES)
-    if bad := [x for x in styles if x not in MAX_NEW_TOKENS] + [b for b in names if b not in BENCHES]:
-        raise SystemExit(f"unknown style or benchmark {bad} (styles: paper, standard; benchmarks: {', '.join(BENCHES)})")
+    if bad := [x for x in styles if x not in MAX_NEW_TOKENS] + [x for x in names if x not in BENCHES]:
+        raise SystemExit(f"unknown style or benchmark {bad}; styles: paper, standard; benchmarks: {', '.join(BENCHES)}")
     rank, world, device = setup()
     try:
         if not cfg.data:
@@ -739,8 +695,7 @@ def main(argv=None):
             cfg.data = os.path.join(toyworld.ensure() if rank == 0 else toyworld.default_root(), "eval")
         paths = {b: os.path.join(cfg.data, BENCHES[b]) for b in names}
         skipped = [f"{b}: {p} not found" for b, p in paths.items() if not os.path.isfile(p)]
-        for s in skipped:
-            print0(f"skipped {s}")
+        print0("".join(f"skipped {s}\n" for s in skipped), end="")
         paths = {b: p for b, p in paths.items() if os.path.isfile(p)}
         net, tok, chat_style, system = load_model(cfg, device)
         benches, md5 = {b: load_bench(b, p)[:cfg.limit or None] for b, p in paths.items()}, {}
@@ -775,42 +730,35 @@ def _outcomes(rows: list[dict], bench: str, style: str) -> dict:
     """id -> right. Standard MMBench: a question is right iff all its circular copies are. TextVQA: score 1.0."""
     if bench != "mmbench" or style != "standard":
         return {r["id"]: bool(r["correct"]) for r in rows}
-    g = {}
+    g = defaultdict(lambda: True)
     for r in rows:
-        q = str(int(r["id"]) % 1_000_000)
-        g[q] = g.get(q, True) and bool(r["correct"])
-    return g
+        g[str(int(r["id"]) % 1_000_000)] &= bool(r["correct"])
+    return dict(g)
 
-def compare(run_a: str, run_b: str, style: str = "") -> dict:
+def compare(run_a: str, run_b: str, style: str = "paper,standard") -> dict:
     out = {}
-    for s in [style] if style else sorted(os.listdir(run_a)):
-        for b in sorted(BENCHES):
-            pa, pb = (os.path.join(r, s, b, "samples.jsonl") for r in (run_a, run_b))
-            if os.path.isfile(pa) and os.path.isfile(pb):
-                a, c = _outcomes(read_jsonl(pa), b, s), _outcomes(read_jsonl(pb), b, s)
-                pairs = Counter((a[k], c[k]) for k in set(a) & set(c))
-                t = {"n": sum(pairs.values()), "both": pairs[True, True], "only_a": pairs[True, False],
-                     "only_b": pairs[False, True], "neither": pairs[False, False]}
-                out.setdefault(s, {})[b] = {**t, **mcnemar(t["only_a"], t["only_b"])}
+    for s, b in ((s, b) for s in style.split(",") for b in sorted(BENCHES)):
+        pa, pb = (os.path.join(r, s, b, "samples.jsonl") for r in (run_a, run_b))
+        if os.path.isfile(pa) and os.path.isfile(pb):
+            a, c = _outcomes(read_jsonl(pa), b, s), _outcomes(read_jsonl(pb), b, s)
+            pairs = Counter((a[k], c[k]) for k in set(a) & set(c))
+            t = {"n": sum(pairs.values()), "both": pairs[True, True], "only_a": pairs[True, False],
+                 "only_b": pairs[False, True], "neither": pairs[False, False]}
+            out.setdefault(s, {})[b] = {**t, **mcnemar(t["only_a"], t["only_b"])}
     return out
-
-@dataclass
-class CompareConfig:
-    """python eval.py compare RUN_A RUN_B [--style S] [--json]"""
-    style: str = ""
-    json: bool = False
 
 def compare_main(argv):
     if len(argv) < 2 or argv[0].startswith("-") or argv[1].startswith("-"):
         raise SystemExit("usage: python eval.py compare RUN_A RUN_B [--style S] [--json]")
-    cfg = M.parse_config(CompareConfig, argv[2:])
+    cfg = M.parse_config(Config, argv[2:])
     res = compare(argv[0], argv[1], cfg.style)
     for s, benches in res.items() if not cfg.json else []:
         for b, t in benches.items():
+            note = "  (right = soft score 1.0)" if b == "textvqa" else "  (circular questions)" if (b, s) == (
+                "mmbench", "standard") else ""
             print(f"{s:8} {b:11} n {t['n']:5}  both {t['both']:5}  only A {t['only_a']:4}  only B {t['only_b']:4}  "
                   f"neither {t['neither']:5}  McNemar exact p {t['p_exact']:.4g}  chi2 {t['chi2']:.3f} p "
-                  f"{t['p_chi2']:.4g}" + ("  (right = soft score 1.0)" if b == "textvqa" else "") +
-                  ("  (circular questions)" if b == "mmbench" and s == "standard" else ""))
+                  f"{t['p_chi2']:.4g}{note}")
     if cfg.json:
         print(json.dumps(res))
     return res
