@@ -552,3 +552,10 @@ def test_chat_streams_the_greedy_answer(tiny_model, tmp_path, capsys):
     ids = M.chat_tokens(tok, [{"from": "human", "value": "<image>\nWhat is it?"}], generation_prompt=True)[0]
     want = net.generate([ids], M.preprocess(str(img), 64)[None], 6, stop_ids=[tok.eos_id])[0]
     assert text == tok.decode(want)
+    q, a = {"from": "human", "value": "Hi?"}, {"from": "gpt", "value": "Hello."}
+    with pytest.raises(ValueError, match="generation_prompt"):
+        M.chat_tokens(tok, [q, a], generation_prompt=True)
+    gen = M.chat_tokens(tok, [q], generation_prompt=True)[0]
+    assert M.chat_tokens(tok, [q, a])[0][:len(gen)] == gen  # the prompt a reply continues
+    assert tok.decode(gen).endswith("assistant\n")
+    assert "Be brief." in tok.decode(M.chat_tokens(tok, [q], system="Be brief.", generation_prompt=True)[0])
