@@ -9,8 +9,8 @@ captions and questions are generated from the same scene, so they are informativ
     python toyworld.py --samples docs --image-size 128      # the two sample images shown in the README
 
 A world dir holds tokenizer.json, pool/*.tar (img2dataset-style WebDataset shards), sft/ (LLaVA format), eval/
-(VLMEvalKit's TSVs: MMBench_DEV_EN, POPE, TextVQA_VAL, MUIRBench) and manifest.json (counts per file and the ground truth: every scene, the
-wrong captions, the broken records). README.md, "The toy world", describes the formats.
+(VLMEvalKit's TSVs: MMBench_DEV_EN, POPE, TextVQA_VAL, MUIRBench) and manifest.json (counts per file and the ground
+truth: every scene, the wrong captions, the broken records). README.md, "The toy world", describes the formats.
 
 The same seed gives byte-identical files. Evaluation scenes are held out by construction: a scene's content
 signature (background, colour/shape/count kinds, word) hashes into the eval or the training partition, and every

@@ -281,7 +281,8 @@ def test_manifest_counts_match_disk(toy_world):
     n = m["config"]["n_eval"]
     rows = tsv(toy_world, "MMBench_DEV_EN.tsv")
     assert files["eval/MMBench_DEV_EN.tsv"] == {"questions": len({int(r["index"]) % 1_000_000 for r in rows}),
-                                                "rows": len(rows)} and files["eval/MMBench_DEV_EN.tsv"]["questions"] == n
+                                                "rows": len(rows)}
+    assert files["eval/MMBench_DEV_EN.tsv"]["questions"] == n
     pope = tsv(toy_world, "POPE.tsv")
     asked = collections.Counter(r["answer"] for r in pope for _ in r["category"].split(","))
     assert files["eval/POPE.tsv"] == {"questions": n, "rows": len(pope), "yes": asked["Yes"], "no": asked["No"],
