@@ -1,11 +1,8 @@
 """
-Open-Qwen2VL's ground floor: SigLIP vision and text towers, the average-pooling projector, the Qwen2 decoder, the
-VLM that splices image features into the token stream, our own checkpoint format, the tokenizer and prompt formats,
-image preprocessing, and the small command-line config parser every stage uses. Foreign checkpoint formats (HF,
-timm, the official .pt, LLaVA) are in weights.py, which builds on this file.
-
-Spec: ../shared/design/reference.md (section numbers below refer to it). Plain PyTorch; attention goes through
-F.scaled_dot_product_attention, or flex attention on GPU for document-masked packed rows.
+Open-Qwen2VL's ground floor: the SigLIP towers, the pooling projector, the Qwen2 decoder, the VLM that splices image
+features into the token stream, our own checkpoint format, tokenizer and prompt formats, image preprocessing, and the
+config parser every stage uses. Foreign checkpoint formats are in weights.py, which builds on this file.
+Spec: ../shared/design/reference.md (section numbers below refer to it). Plain PyTorch.
 """
 from __future__ import annotations
 
@@ -66,28 +63,30 @@ def parse_config(cls, argv=None, presets: dict | None = None):
 
 
 class Tokenizer:
-    """Qwen2.5's byte-level BPE from a tokenizer.json, plus the tokens the paper adds: `<|endofchunk|>` and `<s>`
-    (the BOS), which land on ids 151665 and 151666 of the Qwen2.5 vocabulary. Text is always encoded as plain text
-    (a caption containing "<|im_end|>" does not become the special token); special ids are placed by the formats."""
+    """Qwen2.5's byte-level BPE from a tokenizer.json, plus the paper's `<|endofchunk|>` (new: id 151665) and `<s>`
+    (the BOS: already a BPE token of Qwen2.5, id 128245, now marked special). Text is always encoded as plain text:
+    a caption holding "<|im_end|>" or "<tool_call>" never becomes that token; special ids are placed by the formats."""
 
     ADDED = ["<|endofchunk|>", "<s>"]
 
     def __init__(self, path: str):
         import tokenizers
 
-        if os.path.isdir(path):
-            path = os.path.join(path, "tokenizer.json")
+        path = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no tokenizer.json at {path}")
         self.tok = tokenizers.Tokenizer.from_file(path)
-        self.tok.add_special_tokens(self.ADDED)  # no-op for tokens the file already has
-        self.tok.encode_special_tokens = True  # user text can never inject control tokens
+        self.tok.add_special_tokens(self.ADDED)  # an existing token keeps its id and becomes special
+        added = self.tok.get_added_tokens_decoder()
+        self.special_ids = {i for i, t in added.items() if t.special}  # skipped by decode; <tool_call> & co. are text
+        # Qwen2.5's non-special added tokens would still be matched in text: mark them special so they are not
+        self.tok.add_special_tokens([tokenizers.AddedToken(t.content, special=True) for t in added.values()
+                                     if not t.special])
+        self.tok.encode_special_tokens = True
         ids = {t: self.tok.token_to_id(t) for t in ("<|endoftext|>", "<|im_start|>", "<|im_end|>", *self.ADDED)}
         if None in ids.values():
             raise ValueError(f"{path}: tokenizer lacks {[t for t, i in ids.items() if i is None]}")
         self.pad_id, self.im_start_id, self.eos_id, self.eoc_id, self.bos_id = ids.values()
-        self.special_ids = {i for t, i in self.tok.get_vocab(with_added_tokens=True).items()
-                            if t.startswith("<|") and t.endswith("|>")} | {self.bos_id}
 
     def __len__(self):
         return self.tok.get_vocab_size(with_added_tokens=True)
@@ -100,13 +99,10 @@ class Tokenizer:
         return self.tok.decode(ids, skip_special_tokens=False)
 
     def encode_with_images(self, text: str) -> list[int]:
-        """Text where each literal "<image>" becomes one IMAGE_ID; the chunks between are tokenized separately,
-        exactly as the official `tokenizer_image_token` does (minus its token-dropping quirk, §1.6)."""
-        first, *rest = text.split("<image>")
-        out = self.encode(first)
-        for chunk in rest:
-            out += [IMAGE_ID] + self.encode(chunk)
-        return out
+        """Each literal "<image>" -> one IMAGE_ID, the chunks between tokenized separately, as the official
+        `tokenizer_image_token` does (minus its token-dropping quirk, §1.6)."""
+        first, *rest = [self.encode(chunk) for chunk in text.split("<image>")]
+        return first + [i for chunk in rest for i in (IMAGE_ID, *chunk)]
 
 
 def caption_tokens(tok: Tokenizer, caption: str) -> list[int]:
@@ -176,13 +172,10 @@ MAX_IMAGE_PIXELS = 89_478_485  # PIL's own default; past it we refuse instead of
 
 
 def load_image(src, name: str = "<bytes>") -> Image.Image:
-    """Open bytes, a path or a file object as an RGB PIL image. Alpha is composited on white (as transformers'
-    convert_to_rgb does), 16-bit images are scaled to 8 bits, CMYK/palette/grayscale are converted. Decompression
-    bombs raise instead of allocating."""
-    if isinstance(src, (str, os.PathLike)):
-        name = str(src)
-    elif isinstance(src, (bytes, bytearray, memoryview)):
-        src = io.BytesIO(src)
+    """Bytes, a path or a file object -> RGB PIL image: transparency composited on white (as transformers'
+    convert_to_rgb), 16-bit scaled to 8 bits, other modes converted; decompression bombs raise, never allocate."""
+    name = str(src) if isinstance(src, (str, os.PathLike)) else name
+    src = io.BytesIO(src) if isinstance(src, (bytes, bytearray, memoryview)) else src
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
@@ -197,7 +190,7 @@ def load_image(src, name: str = "<bytes>") -> Image.Image:
         a = np.asarray(img, dtype=np.float64)
         a = a / 256.0 if img.mode.startswith("I;16") or a.max() > 255 else a
         img = Image.fromarray(np.clip(a, 0, 255).astype(np.uint8), "L")
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+    if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:  # P, RGB and L carry a tRNS colour key
         img = Image.alpha_composite(Image.new("RGBA", img.size, (255, 255, 255, 255)), img.convert("RGBA"))
     return img.convert("RGB")
 
@@ -264,10 +257,6 @@ class QwenConfig:
     tie_embeddings: bool = True
 
 
-def gelu(x, kind: str):
-    return F.gelu(x, approximate="tanh" if kind == "gelu_tanh" else "none")
-
-
 def split_heads(x, n: int):  # (B, T, n * head_dim) -> (B, n, T, head_dim), a view
     return x.unflatten(-1, (n, -1)).transpose(1, 2)
 
@@ -284,7 +273,7 @@ class SiglipBlock(nn.Module):
     def __init__(self, c: VisionConfig | TextConfig):
         super().__init__()
         d = c.hidden_size
-        self.heads, self.act = c.num_heads, c.act
+        self.heads, self.approximate = c.num_heads, "tanh" if c.act == "gelu_tanh" else "none"
         self.norm1 = nn.LayerNorm(d, eps=c.eps)
         self.qkv = nn.Linear(d, 3 * d)  # fused q, k, v: one matmul instead of three
         self.proj = nn.Linear(d, d)
@@ -294,32 +283,27 @@ class SiglipBlock(nn.Module):
 
     def forward(self, x):
         q, k, v = split_heads(self.qkv(self.norm1(x)), 3 * self.heads).chunk(3, dim=1)
-        x = x + self.proj(merge_heads(F.scaled_dot_product_attention(q, k, v)))
-        return x + self.fc2(gelu(self.fc1(self.norm2(x)), self.act))
+        return self.mlp(x + self.proj(merge_heads(F.scaled_dot_product_attention(q, k, v))))
+
+    def mlp(self, x):
+        return x + self.fc2(F.gelu(self.fc1(self.norm2(x)), approximate=self.approximate))
 
 
-class AttentionPoolHead(nn.Module):
-    """SigLIP's MAP head: one learned probe attends over the patches, then a residual MLP. Gives the pooled image
-    embedding used for image-text similarity; the VLM never uses it."""
+class AttentionPoolHead(SiglipBlock):
+    """SigLIP's MAP head, a block whose query is one learned probe (and no pre-norm): the pooled image embedding
+    for image-text similarity. The VLM never uses it."""
 
     def __init__(self, c: VisionConfig):
-        super().__init__()
-        d = c.hidden_size
-        self.heads, self.act = c.num_heads, c.act
-        self.probe = nn.Parameter(torch.zeros(1, 1, d))
-        self.in_proj = nn.Linear(d, 3 * d)
-        self.out_proj = nn.Linear(d, d)
-        self.norm = nn.LayerNorm(d, eps=c.eps)
-        self.fc1 = nn.Linear(d, c.intermediate_size)
-        self.fc2 = nn.Linear(c.intermediate_size, d)
+        super().__init__(c)
+        del self.norm1
+        self.probe = nn.Parameter(torch.zeros(1, 1, c.hidden_size))
 
     def forward(self, x):
-        wq, wk, wv = self.in_proj.weight.chunk(3)
-        bq, bk, bv = self.in_proj.bias.chunk(3)
-        q = split_heads(F.linear(self.probe.expand(x.shape[0], 1, -1), wq, bq), self.heads)
-        k, v = split_heads(F.linear(x, wk, bk), self.heads), split_heads(F.linear(x, wv, bv), self.heads)
-        h = self.out_proj(merge_heads(F.scaled_dot_product_attention(q, k, v)))
-        return (h + self.fc2(gelu(self.fc1(self.norm(h)), self.act)))[:, 0]
+        d = self.probe.shape[-1]
+        q = split_heads(F.linear(self.probe.expand(x.shape[0], 1, -1), self.qkv.weight[:d], self.qkv.bias[:d]),
+                        self.heads)
+        k, v = split_heads(F.linear(x, self.qkv.weight[d:], self.qkv.bias[d:]), 2 * self.heads).chunk(2, dim=1)
+        return self.mlp(self.proj(merge_heads(F.scaled_dot_product_attention(q, k, v))))[:, 0]
 
 
 class SiglipVision(nn.Module):
@@ -334,9 +318,8 @@ class SiglipVision(nn.Module):
         self.head = AttentionPoolHead(c) if c.use_head else None
 
     def forward(self, pixel_values, layer: int = -2, norm: bool = False):
-        """Default: the VLM's features (§1.1), the output of the second-to-last block without the final LayerNorm
-        (HF hidden_states[-2]); blocks after it are skipped, not computed. layer=-1, norm=True gives HF's
-        last_hidden_state."""
+        """The output of block `layer` (HF hidden_states[layer]; later blocks are not computed), by default the VLM's
+        features (§1.1): the second-to-last block, no final LayerNorm. layer=-1, norm=True is HF's last_hidden_state."""
         x = self.patch_embed(pixel_values.to(self.pos_embed.dtype)).flatten(2).transpose(1, 2) + self.pos_embed
         for block in self.blocks[: len(self.blocks) + 1 + layer]:
             x = block(x)
@@ -379,8 +362,7 @@ class Siglip(nn.Module):
     def text_embeds(self, input_ids):  # == get_text_features
         return self.text(input_ids)
 
-    def pair_logits(self, image_embeds, text_embeds):
-        """Logit that image i matches text i (sigmoid of it is SigLIP's match probability)."""
+    def pair_logits(self, image_embeds, text_embeds):  # image i matches text i: sigmoid of it is SigLIP's probability
         i, t = F.normalize(image_embeds, dim=-1), F.normalize(text_embeds, dim=-1)
         return (i * t).sum(-1) * self.logit_scale.exp() + self.logit_bias
 
@@ -392,9 +374,8 @@ class Siglip(nn.Module):
 
 
 def pool_matrix(n_in: int, n_out: int) -> torch.Tensor:
-    """(n_out^2, n_in^2) matrix of adaptive_avg_pool2d over an n_in x n_in grid. Cell i averages rows
-    [floor(i*n_in/n_out), ceil((i+1)*n_in/n_out)); for 27 -> 12 every window is 3 wide and they overlap with
-    stride 2 or 3 (starts 0,2,4,6,9,11,...). As a matmul it needs no reshapes and is exact."""
+    """adaptive_avg_pool2d over an n_in x n_in grid as one exact (n_out^2, n_in^2) matrix. Cell i averages rows
+    [floor(i*n_in/n_out), ceil((i+1)*n_in/n_out)): for 27 -> 12, 3-wide windows with starts 0,2,4,6,9,11,..."""
     a = torch.zeros(n_out, n_in, dtype=torch.float64)
     for i in range(n_out):
         lo, hi = (i * n_in) // n_out, -((-(i + 1) * n_in) // n_out)
@@ -610,10 +591,11 @@ class VLMConfig:
     vision: VisionConfig = field(default_factory=VisionConfig)
     llm: QwenConfig = field(default_factory=QwenConfig)
     image_tokens: int = 144  # per image: 144 (12x12 pooling) in pre-training, 729 (no pooling) in SFT
+    feature_layer: int = -2  # the tower's block whose output is used: -2 Open-Qwen2VL (§1.1), -1 MLM-Filter
 
     @classmethod
-    def from_dict(cls, d: dict) -> VLMConfig:
-        return cls(VisionConfig(**d["vision"]), QwenConfig(**d["llm"]), d["image_tokens"])
+    def from_dict(cls, d: dict) -> VLMConfig:  # configs saved before feature_layer existed used -2
+        return cls(VisionConfig(**d["vision"]), QwenConfig(**d["llm"]), d["image_tokens"], d.get("feature_layer", -2))
 
 
 def preset(name: str, vocab_size: int | None = None) -> VLMConfig:
@@ -674,7 +656,7 @@ class VLM(nn.Module):
     def image_features(self, pixel_values):
         frozen = not any(p.requires_grad for p in self.vision.parameters())
         with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):  # a frozen tower keeps no activations
-            f = self.vision(pixel_values)
+            f = self.vision(pixel_values, layer=self.config.feature_layer)
         return self.projector(f.to(self.projector.fc1.weight.dtype))
 
     def embed(self, input_ids, pixel_values=None):
@@ -754,8 +736,7 @@ class VLM(nn.Module):
         return out
 
     def init_weights(self, seed: int = 0):
-        """Random init for training from scratch (tiny preset, tests): N(0, 0.02) like HF, then the projector as the
-        official code initializes it."""
+        """From scratch (tiny preset, tests): N(0, 0.02) like HF, then the projector as the official code does."""
         torch.manual_seed(seed)
         for name, p in self.named_parameters():
             if name.endswith("bias"):
@@ -784,25 +765,16 @@ def save_vlm(out_dir: str, config: VLMConfig, state: dict):
 
 
 def load_vlm(d: str, dtype=None, image_tokens: int | None = None) -> VLM:
-    """A local VLM saved by `save_vlm` (reloads bit-identically; weights.load_vlm takes every other format and hub
-    ids). `image_tokens` switches the pooling (144 -> 729 for SFT, §1.4): the projector's weights do not depend on it."""
-    from safetensors import safe_open
+    """A local VLM saved by `save_vlm`, bit-identically (weights.load_vlm takes every other format and hub ids).
+    `image_tokens` switches the pooling (144 -> 729 for SFT, §1.4): the projector's weights do not depend on it."""
     with open(os.path.join(d, "config.json")) as f:
         c = json.load(f)
     if c.get("model_type") != "open-qwen2vl":
         raise ValueError(f"{d}: config.json is not an open-qwen2vl VLM (model_type={c.get('model_type')!r})")
-    c = VLMConfig.from_dict(c)
     with torch.device("meta"):
-        model = VLM(dataclasses.replace(c, image_tokens=image_tokens or c.image_tokens))
-    path, want = os.path.join(d, "model.safetensors"), model.state_dict()
-    try:
-        with safe_open(path, "pt") as f:
-            state = {k: f.get_tensor(k) for k in f.keys()}
-        model.load_state_dict({k: t.to(dtype or want[k].dtype) if k in want else t for k, t in state.items()},
-                              assign=True)  # strict: names a missing, unexpected or mis-shaped tensor
-    except Exception as e:
-        raise ValueError(f"{path}: {e}") from None
-    return model
+        model = VLM(dataclasses.replace(VLMConfig.from_dict(c), image_tokens=image_tokens or c["image_tokens"]))
+    w = _weights()  # tensor by tensor into `dtype`; a missing, unexpected or mis-shaped tensor is named with the file
+    return w.load_into(model, w.read_tensors(os.path.join(d, "model.safetensors")), lambda k: (k, 0, 1), dtype)
 
 
 def _weights():  # the foreign checkpoint formats live in weights.py, which imports this file

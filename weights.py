@@ -1,9 +1,13 @@
 """
-Checkpoint formats in and out, for model.py's modules: transformers' Qwen2 and SigLIP safetensors (single or
-sharded), timm/open_clip SigLIP, the official Open-Qwen2VL `latest-checkpoint.pt`, and the one entry point the stages
-load models through, `load_vlm`. model.py is the ground floor; this file builds on it and no module of model.py
-imports it at load time (the `from_pretrained` classmethods import it inside the call).
+Checkpoint formats in and out, for model.py's modules. In: transformers' Qwen2 and SigLIP safetensors (single or
+sharded), timm/open_clip SigLIP, and through `load_vlm`, the one loader the stages use, every VLM layout: our own,
+the released Open-Qwen2VL prismatic run dirs, the MLM-Filter (LLaVA-Qwen) judge, transformers' LLaVA. Out:
+`export_hf`, a directory transformers' LlavaForConditionalGeneration and AutoProcessor load with no custom code:
 
+    python weights.py export-hf SRC OUT [--full-res] [--dtype bfloat16] [--vision V] [--llm L]
+
+model.py is the ground floor; this file builds on it and no module of model.py imports it at load time (the
+`from_pretrained` classmethods import it inside the call).
 Spec: ../shared/design/formats.md §3-4 (released layouts), reference.md §8.10 (the official checkpoint).
 """
 from __future__ import annotations
@@ -12,6 +16,8 @@ import dataclasses
 import json
 import os
 import re
+import sys
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -28,6 +34,9 @@ def _act(name: str) -> str:
     if name not in table:
         raise ValueError(f"unsupported activation {name!r}")
     return table[name]
+
+
+HF_ACT = {"gelu_tanh": "gelu_pytorch_tanh", "gelu": "gelu"}  # ours -> transformers' name, for writing configs
 
 
 def _siglip_fields(d: dict) -> dict:
@@ -88,10 +97,10 @@ VISION_KEYS = SIGLIP_BLOCK_KEYS + [
     (r"embeddings\.position_embedding\.weight|pos_embed", "pos_embed"),
     (r"post_layernorm\.(weight|bias)|norm\.(weight|bias)", r"post_norm.\1\2"),
     (r"head\.probe|attn_pool\.latent", "head.probe"),
-    (r"head\.attention\.in_proj_(weight|bias)", r"head.in_proj.\1"),
-    (r"attn_pool\.(?P<part>q|kv)\.(weight|bias)", r"head.in_proj.\2", ("q", "kv")),  # timm splits q from kv
-    (r"head\.attention\.out_proj\.(weight|bias)|attn_pool\.proj\.(weight|bias)", r"head.out_proj.\1\2"),
-    (r"head\.layernorm\.(weight|bias)|attn_pool\.norm\.(weight|bias)", r"head.norm.\1\2"),
+    (r"head\.attention\.in_proj_(weight|bias)", r"head.qkv.\1"),
+    (r"attn_pool\.(?P<part>q|kv)\.(weight|bias)", r"head.qkv.\2", ("q", "kv")),  # timm splits q from kv
+    (r"head\.attention\.out_proj\.(weight|bias)|attn_pool\.proj\.(weight|bias)", r"head.proj.\1\2"),
+    (r"head\.layernorm\.(weight|bias)|attn_pool\.norm\.(weight|bias)", r"head.norm2.\1\2"),
     (r"(?:head|attn_pool)\.mlp\.(fc[12])\.(weight|bias)", r"head.\1.\2"),
 ]
 TEXT_KEYS = SIGLIP_BLOCK_KEYS + [
@@ -138,9 +147,9 @@ def read_config(d: str) -> dict:
         return json.load(f)
 
 
-def read_tensors(d: str):
+def read_tensors(d: str, names_only: bool = False):
     """(file, name, tensor) for every tensor of a safetensors file or a checkpoint directory (sharded or not), read
-    lazily: safetensors mmaps."""
+    lazily: safetensors mmaps. names_only: (file, name, None), reading only the headers."""
     from safetensors import safe_open
     if os.path.isfile(d):
         files = [d]
@@ -156,7 +165,7 @@ def read_tensors(d: str):
             with safe_open(path, "pt") as f:
                 names = list(f.keys())
                 for name in names:
-                    yield path, name, f.get_tensor(name)
+                    yield path, name, None if names_only else f.get_tensor(name)
         except Exception as e:  # safetensors' own error type; our consumers' errors never pass through here
             raise ValueError(f"{path}: unreadable safetensors file ({e})") from None
 
@@ -197,12 +206,22 @@ def load_into(model: nn.Module, tensors, key_map, dtype=None) -> nn.Module:
     return model
 
 
+def _llm_rules(c: QwenConfig) -> list:  # a tied head is the embedding: a stored lm_head (the official .pt) is skipped
+    return ([(r"lm_head\.weight", SKIP)] if c.tie_embeddings else []) + QWEN_KEYS
+
+
+def _vision_tables(prefixes, ours: str, use_head: bool) -> list:
+    """Mapper tables for a SigLIP vision tower stored under any of `prefixes`."""
+    skip = [(r"text_model\..*|text\..*|logit_(scale|bias)", SKIP)] + ([] if use_head else [(r"(?:head|attn_pool)\..*", SKIP)])
+    return [(pre, rules, ours) for pre in prefixes for rules in (skip, VISION_KEYS)]
+
+
 def load_qwen(src: str, dtype=None) -> Qwen2:
     d = resolve(src)
     cfg = qwen_config(read_config(d))
     with torch.device("meta"):
         model = Qwen2(cfg)
-    rules = ([(r"lm_head\.weight", SKIP)] if cfg.tie_embeddings else []) + QWEN_KEYS  # tied: the head is the embedding
+    rules = _llm_rules(cfg)
     return load_into(model, read_tensors(d), _mapper(("model.", rules, ""), ("", rules, "")), dtype)
 
 
@@ -219,11 +238,7 @@ def load_vision(src: str, config: VisionConfig | None = None, act: str | None = 
         config = dataclasses.replace(config, act=_act(act))
     with torch.device("meta"):
         model = SiglipVision(config)
-    skip = [(r"text_model\..*|text\..*|logit_(scale|bias)", SKIP)]
-    if not config.use_head:
-        skip.append((r"(?:vision_model\.|visual\.trunk\.)?(?:head|attn_pool)\..*", SKIP))
-    key_map = _mapper(("", skip, ""), ("vision_model.", VISION_KEYS, ""), ("visual.trunk.", VISION_KEYS, ""),
-                      ("", VISION_KEYS, ""))
+    key_map = _mapper(*_vision_tables(("vision_model.", "visual.trunk.", ""), "", config.use_head))
     return load_into(model, read_tensors(d), key_map, dtype)
 
 
@@ -247,34 +262,318 @@ def build_vlm(vision: str, llm: str, image_tokens: int = 144, act: str | None = 
     return model.to(dtype) if dtype else model
 
 
-def load_official(ckpt: str, vision: str, llm: str, image_tokens: int = 144, dtype=None) -> VLM:
+PROJ_KEYS = [(r"(?:mlp_projector\.0|linear_1)\.(weight|bias)", r"fc1.\1"),  # official Sequential(fc1, GELU, fc2)
+             (r"(?:mlp_projector\.2|linear_2)\.(weight|bias)", r"fc2.\1")]  # transformers' LlavaMultiModalProjector
+
+
+def load_official(ckpt: str, vision: str, llm: str, image_tokens: int = 144, dtype=None, act: str | None = None,
+                  feature_layer: int = -2) -> VLM:
     """The official `latest-checkpoint.pt`: {"model": {"projector": {mlp_projector.0/2.*}, "llm_backbone": {llm.*}}}
     in fp32 (§8.10). It has no vision weights (they come from `vision`, timm or HF SigLIP) and no LLM config (read
     from `llm`'s config.json). Loaded with weights_only=True: no code in a checkpoint ever runs."""
-    sd = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)["model"]
+    try:
+        sd = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)["model"]
+        tensors = [(ckpt, k, t) for part in ("projector", "llm_backbone") for k, t in sd[part].items()]
+    except Exception as e:  # truncated, not a checkpoint, or a pickle that needs more than tensors to load
+        raise ValueError(f"{ckpt}: not a loadable Open-Qwen2VL checkpoint ({type(e).__name__}: {e})") from None
     c = qwen_config(read_config(resolve(llm, ("config.json",))))
-    v = load_vision(vision, dtype=dtype)
+    v = load_vision(vision, act=act, dtype=dtype)
+    v.config.use_head, v.head = False, None  # the VLM never uses SigLIP's pooling head
     with torch.device("meta"):
-        model = VLM(VLMConfig(v.config, c, image_tokens))
+        model = VLM(VLMConfig(v.config, c, image_tokens, feature_layer))
     model.vision = v
-    llm_rules = ([(r"lm_head\.weight", SKIP)] if c.tie_embeddings else []) + QWEN_KEYS  # a tied head is stored twice
-    proj_rules = [(r"0\.(weight|bias)", r"fc1.\1"), (r"2\.(weight|bias)", r"fc2.\1")]  # Sequential(fc1, GELU, fc2)
-    key_map = _mapper(("mlp_projector.", proj_rules, "projector."), ("llm.model.", llm_rules, "llm."),
-                      ("llm.", llm_rules, "llm."))
-    tensors = [(ckpt, k, t) for part in ("projector", "llm_backbone") for k, t in sd[part].items()]
+    rules = _llm_rules(c)
+    key_map = _mapper(("", PROJ_KEYS, "projector."), ("llm.model.", rules, "llm."), ("llm.", rules, "llm."))
     return load_into(model, tensors, key_map, dtype)
 
 
 # -----------------------------------------------------------------------------------------------------------------
-# The one loader the stages use.
+# The one loader the stages use: every VLM layout, recognised by its config.json (formats.md §3-4).
+
+REGISTRY = {  # the official code's backbone ids -> (hub id, the activation it ran: timm's SigLIP is exact GELU, §1.1)
+    "siglip-vit-so400m-384px": ("google/siglip-so400m-patch14-384", "gelu"),
+    "qwen2.5-1.5b-instruct": ("Qwen/Qwen2.5-1.5B-Instruct", None),
+}
+QWEN_HUB = REGISTRY["qwen2.5-1.5b-instruct"][0]  # the LLM of checkpoints that name none
+LLM_FILES = ("config.json", "*.safetensors", "*.safetensors.index.json", "tokenizer.json")
+
+
+def _tokenizer(d: str | None) -> str | None:
+    return os.path.join(d, "tokenizer.json") if d and os.path.isfile(os.path.join(d, "tokenizer.json")) else None
+
+
+def _load_own(d, c, vision, llm, dtype, image_tokens):
+    return M.load_vlm(d, dtype, image_tokens), _tokenizer(d), c.get("chat_style", "qwen2")
+
+
+def _load_prismatic(d, c, vision, llm, dtype, image_tokens):
+    """A released Open-Qwen2VL run dir: config.json's model.* names the backbones by registry id, the weights are
+    checkpoints/latest-checkpoint.pt (projector + LLM). `vision`/`llm` override where the backbones come from."""
+    m, cfg = c["model"], os.path.join(d, "config.json")
+    for key, override in (("vision_backbone_id", vision), ("llm_backbone_id", llm)):
+        if override is None and m[key] not in REGISTRY:
+            raise ValueError(f"{cfg}: unknown {key} {m[key]!r} (known: {', '.join(REGISTRY)}); pass vision=/llm=")
+    arch = re.fullmatch(r"(?:[\w-]+\+)?(?:(\d+)-)?avgpool", m["arch_specifier"])  # no-align+avgpool: 144 tokens
+    if arch is None or m.get("image_resize_strategy", "resize-naive") != "resize-naive":
+        raise ValueError(f"{cfg}: unsupported arch_specifier {m['arch_specifier']!r} or image_resize_strategy "
+                         f"{m.get('image_resize_strategy')!r} (avgpool projectors and resize-naive are implemented)")
+    v_hub, act = REGISTRY.get(m["vision_backbone_id"], (None, None))
+    llm_dir = resolve(llm or REGISTRY[m["llm_backbone_id"]][0], LLM_FILES)
+    model = load_official(os.path.join(d, "checkpoints", "latest-checkpoint.pt"), vision or v_hub, llm_dir,
+                          image_tokens or int(arch[1] or 144), dtype, act)
+    return model, _tokenizer(llm_dir), "release"  # the chat format the released checkpoints most likely saw (§1.8)
+
+
+def _load_llava_qwen(d, c, vision, llm, dtype, image_tokens):
+    """The MLM-Filter judge (LLaVA-Unified's LlavaQwenForCausalLM, §3.2): Qwen2 keys `model.*`, the avg-pool MLP at
+    `model.mm_projector.mlp_projector.{0,2}`, features of block `mm_vision_select_layer` (-1: the last) of an HF
+    SigLIP (tanh GELU) whose weights are in the checkpoint or at `mm_vision_tower` (its config is read there)."""
+    if c.get("mm_projector_type") != "aapool_mlp":
+        raise ValueError(f"{d}/config.json: mm_projector_type {c.get('mm_projector_type')!r}: only MLM-Filter's "
+                         "'aapool_mlp' (average pooling + 2-layer MLP) is implemented")
+    v_src = vision or c["mm_vision_tower"]
+    vc = read_config(resolve(v_src, ("config.json",)))
+    vc = dataclasses.replace(vision_config(vc.get("vision_config", vc)), use_head=False)
+    cfg = VLMConfig(vc, qwen_config(c), image_tokens or c.get("mm_num_image_tokens", 144),
+                    c.get("mm_vision_select_layer", -2))
+    with torch.device("meta"):
+        model = VLM(cfg)
+    tower = "model.vision_tower.vision_tower.vision_model."
+    if not any(n.startswith(tower) for _, n, _ in read_tensors(d, names_only=True)):
+        model.vision = load_vision(v_src, config=vc, dtype=dtype)
+    rules = _llm_rules(cfg.llm)
+    key_map = _mapper(("model.mm_projector.", PROJ_KEYS, "projector."), *_vision_tables((tower,), "vision.", False),
+                      ("model.", rules, "llm."), ("", rules, "llm."))
+    tok = _tokenizer(d) or _tokenizer(resolve(llm or QWEN_HUB, ("tokenizer.json",)))
+    return load_into(model, read_tensors(d), key_map, dtype), tok, "qwen_instruct"
+
+
+def _load_llava(d, c, vision, llm, dtype, image_tokens):
+    """transformers' LlavaForConditionalGeneration with a SigLIP tower, Qwen2 LLM and the plain 2-layer GELU
+    projector on every patch (our export_hf); the v4 (`language_model.model.*`) and v5 (`model.*`) key layouts."""
+    v, t = c.get("vision_config", {}), c.get("text_config", {})
+    found = {"vision_config.model_type": v.get("model_type"), "text_config.model_type": t.get("model_type"),
+             "projector_hidden_act": c.get("projector_hidden_act", "gelu"),
+             "vision_feature_select_strategy": c.get("vision_feature_select_strategy", "default"),
+             "multimodal_projector_bias": c.get("multimodal_projector_bias", True),
+             "vision_feature_layer": type(c.get("vision_feature_layer", -2)).__name__}
+    want = {"vision_config.model_type": "siglip_vision_model", "text_config.model_type": "qwen2",
+            "projector_hidden_act": "gelu", "vision_feature_select_strategy": "full",
+            "multimodal_projector_bias": True, "vision_feature_layer": "int"}
+    if bad := {k: found[k] for k in want if found[k] != want[k]}:
+        raise ValueError(f"{d}/config.json: a LLaVA variant this does not implement: found {bad}, implemented {want} "
+                         "(a SigLIP tower, a Qwen2 LLM, Linear-GELU-Linear on all patches)")
+    vc = dataclasses.replace(vision_config(v), use_head=False)
+    cfg = VLMConfig(vc, qwen_config(t), image_tokens or (vc.image_size // vc.patch_size) ** 2,
+                    c.get("vision_feature_layer", -2))
+    with torch.device("meta"):
+        model = VLM(cfg)
+    rules = _llm_rules(cfg.llm)
+    towers = ("model.vision_tower.vision_model.", "model.vision_tower.", "vision_tower.vision_model.", "vision_tower.")
+    key_map = _mapper(("model.multi_modal_projector.", PROJ_KEYS, "projector."), ("multi_modal_projector.", PROJ_KEYS,
+                      "projector."), *_vision_tables(towers, "vision.", False), ("model.language_model.", rules, "llm."),
+                      ("language_model.model.", rules, "llm."), ("language_model.", rules, "llm."), ("", rules, "llm."))
+    return load_into(model, read_tensors(d), key_map, dtype), _tokenizer(d), c.get("chat_style", "qwen2")
+
+
+LOADERS = {  # kind -> (loader, the files a hub snapshot needs)
+    "open-qwen2vl": (_load_own, ("config.json", "*.safetensors", "tokenizer.json")),
+    "prismatic": (_load_prismatic, ("config.json", "checkpoints/latest-checkpoint.pt")),
+    "llava_qwen": (_load_llava_qwen, ("config.json", "*.safetensors", "*.safetensors.index.json", "tokenizer.json")),
+    "llava": (_load_llava, ("*.json", "*.safetensors")),
+}
 
 
 def load_vlm(src: str, vision: str | None = None, llm: str | None = None, dtype=None,
              image_tokens: int | None = None) -> VLM:
-    """Any VLM checkpoint, recognised by its files: our own (model.save_vlm). The returned model's `tokenizer_path`
-    is the tokenizer.json that goes with it (None if the checkpoint ships none)."""
-    d = resolve(src, ("config.json", "*.safetensors", "*.safetensors.index.json", "tokenizer.json"))
-    model = M.load_vlm(d, dtype=dtype, image_tokens=image_tokens)
-    tok = os.path.join(d, "tokenizer.json")
-    model.tokenizer_path = tok if os.path.isfile(tok) else None
+    """Any VLM checkpoint (a local dir or hub id), recognised by its config.json: ours (model.save_vlm), a released
+    Open-Qwen2VL prismatic run dir, the MLM-Filter judge (llava_qwen), a transformers LLaVA dir (our export).
+    `vision`/`llm` say where checkpoints that do not hold their backbones fetch them (default: the hub ids their
+    config names). The model gets `tokenizer_path` (the tokenizer.json that goes with it: the checkpoint's own or its
+    LLM's; model.Tokenizer adds the paper's tokens) and `chat_style` (the chat format it was tuned with)."""
+    d = resolve(src, ("config.json",))
+    c = read_config(d)
+    kind = "prismatic" if "vision_backbone_id" in (c.get("model") or {}) else c.get("model_type")
+    if kind not in LOADERS:
+        raise ValueError(f"{d}/config.json: not a VLM layout this loads (model_type={kind!r}; known: {list(LOADERS)})")
+    loader, files = LOADERS[kind]
+    model, model.tokenizer_path, model.chat_style = loader(resolve(src, files), c, vision, llm, dtype, image_tokens)
     return model
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Export: an SFT'd Open-Qwen2VL *is* a transformers LLaVA (SigLIP features of one block without the final LayerNorm,
+# Linear-GELU-Linear, Qwen2), written in the classic llava-hf layout every tool reads (transformers v4 and v5, vLLM).
+
+_HV, _HL = r"vision_tower.vision_model.encoder.layers.\1.", r"language_model.model.layers.\1."
+EXPORT_KEYS = [  # our name -> transformers' name; a part list splits a fused tensor ({} is the part)
+    (r"vision\.patch_embed\.(\w+)", r"vision_tower.vision_model.embeddings.patch_embedding.\1"),
+    (r"vision\.pos_embed", "vision_tower.vision_model.embeddings.position_embedding.weight"),
+    (r"vision\.post_norm\.(\w+)", r"vision_tower.vision_model.post_layernorm.\1"),
+    (r"vision\.blocks\.(\d+)\.norm([12])\.(\w+)", _HV + r"layer_norm\2.\3"),
+    (r"vision\.blocks\.(\d+)\.qkv\.(\w+)", _HV + r"self_attn.{}_proj.\2", "qkv"),
+    (r"vision\.blocks\.(\d+)\.proj\.(\w+)", _HV + r"self_attn.out_proj.\2"),
+    (r"vision\.blocks\.(\d+)\.(fc[12])\.(\w+)", _HV + r"mlp.\2.\3"),
+    (r"projector\.fc([12])\.(\w+)", r"multi_modal_projector.linear_\1.\2"),
+    (r"llm\.(embed_tokens|norm)\.weight", r"language_model.model.\1.weight"),
+    (r"llm\.lm_head\.weight", "language_model.lm_head.weight"),
+    (r"llm\.layers\.(\d+)\.qkv\.(\w+)", _HL + r"self_attn.{}_proj.\2", "qkv"),
+    (r"llm\.layers\.(\d+)\.gate_up\.weight", _HL + "mlp.{}_proj.weight", ("gate", "up")),
+    (r"llm\.layers\.(\d+)\.o_proj\.weight", _HL + "self_attn.o_proj.weight"),
+    (r"llm\.layers\.(\d+)\.down\.weight", _HL + "mlp.down_proj.weight"),
+    (r"llm\.layers\.(\d+)\.attn_norm\.weight", _HL + "input_layernorm.weight"),
+    (r"llm\.layers\.(\d+)\.mlp_norm\.weight", _HL + "post_attention_layernorm.weight"),
+]
+
+
+def hf_tensors(model: VLM):
+    """(transformers name, tensor) for every tensor of `model` but SigLIP's pooling head, which LLaVA never uses."""
+    q = model.config.llm
+    rules = [(re.compile(r[0]), r[1], r[2] if len(r) > 2 else None) for r in EXPORT_KEYS]
+    for name, t in model.state_dict().items():
+        m, repl, parts = next(((m, repl, parts) for rx, repl, parts in rules if (m := rx.fullmatch(name))), (None,) * 3)
+        if m is None and name.startswith("vision.head."):
+            continue
+        if m is None:
+            raise KeyError(f"no transformers name for {name!r}")
+        if parts is None:
+            yield m.expand(repl), t
+            continue
+        kv = q.num_kv_heads * q.head_dim
+        sizes = [q.num_heads * q.head_dim, kv, kv] if name.startswith("llm.") and parts == "qkv" else len(parts)
+        yield from ((m.expand(repl).format(p), piece) for p, piece in zip(parts, t.split(sizes) if
+                    isinstance(sizes, list) else t.chunk(sizes)))
+
+
+def hf_vision_config(v: VisionConfig) -> dict:
+    return dict(model_type="siglip_vision_model", hidden_size=v.hidden_size, intermediate_size=v.intermediate_size,
+                num_hidden_layers=v.num_layers, num_attention_heads=v.num_heads, image_size=v.image_size,
+                patch_size=v.patch_size, layer_norm_eps=v.eps, hidden_act=HF_ACT[v.act], vision_use_head=False)
+
+
+def hf_qwen_config(q: QwenConfig) -> dict:
+    return dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"], vocab_size=q.vocab_size,
+                hidden_size=q.hidden_size, intermediate_size=q.intermediate_size, num_hidden_layers=q.num_layers,
+                num_attention_heads=q.num_heads, num_key_value_heads=q.num_kv_heads, head_dim=q.head_dim,
+                rope_theta=q.rope_theta, rope_parameters={"rope_type": "default", "rope_theta": q.rope_theta},
+                rms_norm_eps=q.eps, tie_word_embeddings=q.tie_embeddings, max_position_embeddings=32768,
+                hidden_act="silu", use_sliding_window=False)
+
+
+def write_safetensors(out_dir: str, tensors, shard_bytes: int = 5_000_000_000):
+    """model.safetensors, or past `shard_bytes` model-0000i-of-0000n.safetensors + model.safetensors.index.json
+    (transformers' names and index format); each file written to a temp name, then renamed."""
+    from safetensors.torch import save_file
+    shards, size = [{}], 0
+    for name, t in tensors:
+        n = t.numel() * t.element_size()
+        if shards[-1] and size + n > shard_bytes:
+            shards, size = shards + [{}], 0
+        shards[-1][name], size = t.detach().contiguous().cpu(), size + n
+    names = ["model.safetensors"] if len(shards) == 1 else \
+        [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    for name, shard in zip(names, shards):
+        save_file(shard, os.path.join(out_dir, name + ".tmp"), metadata={"format": "pt"})
+        os.replace(os.path.join(out_dir, name + ".tmp"), os.path.join(out_dir, name))
+    if len(shards) > 1:
+        total = sum(t.numel() * t.element_size() for s in shards for t in s.values())
+        M.write_json(os.path.join(out_dir, "model.safetensors.index.json"), {"metadata": {"total_size": total},
+                     "weight_map": {k: name for name, s in zip(names, shards) for k in s}})
+
+
+# The chat formats of model.chat_tokens (and MLM-Filter's qwen_instruct) as Jinja chat templates. Content is a string
+# or a list of {"type": "image"} / {"type": "text", "text"} parts; processors expand each <image> to its tokens.
+_CONTENT = ("{%- macro content(m, images) -%}{%- if m['content'] is string -%}{{ m['content'] if images else "
+            "m['content'].replace('<image>', '') }}{%- else -%}{%- for p in m['content'] -%}{%- if p['type'] == "
+            "'image' and images -%}<image>{%- elif p['type'] == 'text' -%}{{ p['text'] }}{%- endif -%}{%- endfor -%}"
+            "{%- endif -%}{%- endmacro -%}{%- set system = messages[0]['content'] if messages[0]['role'] == 'system' "
+            "else '" + M.SYSTEM_PROMPT + "' -%}")
+_TURNS = "{%- for m in messages if m['role'] != 'system' -%}"
+CHAT_TEMPLATES = {
+    "qwen2": _CONTENT + "<s><|im_start|>system\n{{ system }}<|im_end|>\n" + _TURNS + "<|im_start|>{{ m['role'] }}\n"
+    "{{ content(m, true) | trim }}<|im_end|>\n{%- endfor -%}{%- if add_generation_prompt -%}<|im_start|>assistant\n"
+    "{%- endif -%}",
+    "release": _CONTENT + "{%- if '<image>' in messages | map('tojson') | join -%}<image>\n{%- endif -%}<s><|im_start|>"
+    "system\n{{ system }}<|im_end|>\n" + _TURNS + "{%- if m['role'] == 'user' -%}<|im_start|>user\n{{ '\n' if "
+    "content(m, true) != content(m, false) }}{{ content(m, false) | trim }}<|im_end|>assistant{%- else -%}"
+    "{{ content(m, true) | trim }}<|im_end|>\n{%- endif -%}{%- endfor -%}",
+    "qwen_instruct": _CONTENT.replace(M.SYSTEM_PROMPT, M.SYSTEM_PROMPT[:-1]) + "<|im_start|>system\n{{ system }}"
+    "<|im_end|>" + _TURNS + "<|im_start|>{{ m['role'] }}\n{{ content(m, true) }}<|im_end|>{%- endfor -%}"
+    "{%- if add_generation_prompt -%}<|im_start|>assistant\n{%- endif -%}",
+}
+
+
+def export_hf(src: str, out_dir: str, full_res: bool = False, dtype=None, vision: str | None = None,
+              llm: str | None = None, shard_bytes: int = 5_000_000_000) -> str:
+    """Any checkpoint load_vlm takes -> a transformers LLaVA directory (config, weights, tokenizer with an <image>
+    token, chat template, image processor, processor, generation config). A pooled checkpoint (144 tokens: a
+    pre-trained base) has no transformers equivalent: refused unless `full_res`, which exports it on all patches."""
+    import tokenizers
+    model = load_vlm(src, vision, llm, dtype)
+    c, grid = model.config, (model.config.vision.image_size // model.config.vision.patch_size) ** 2
+    if c.image_tokens != grid and not full_res:
+        raise ValueError(f"{src}: {c.image_tokens} pooled image tokens per image; transformers' LLaVA has no pooling. "
+                         f"--full-res exports it on all {grid} patches, which changes what the model sees")
+    if c.image_tokens != grid:
+        print(f"{src}: exporting at full resolution ({grid} tokens per image instead of {c.image_tokens}): the model "
+              "sees images differently than it was trained to")
+    if model.tokenizer_path is None:
+        raise ValueError(f"{src}: no tokenizer.json with the checkpoint: pass llm= (the LLM whose tokenizer it used)")
+    tok = M.Tokenizer(model.tokenizer_path)
+    hf_tok = tokenizers.Tokenizer.from_file(model.tokenizer_path)
+    hf_tok.add_special_tokens(M.Tokenizer.ADDED + ["<image>"])
+    image_id = hf_tok.token_to_id("<image>")
+    if image_id >= c.llm.vocab_size:
+        raise ValueError(f"{model.tokenizer_path}: <image> would be id {image_id}, past the {c.llm.vocab_size} rows")
+    os.makedirs(out_dir, exist_ok=True)
+    write_safetensors(out_dir, hf_tensors(model), shard_bytes)
+    hf_tok.save(os.path.join(out_dir, ".tokenizer.json.tmp"))
+    os.replace(os.path.join(out_dir, ".tokenizer.json.tmp"), os.path.join(out_dir, "tokenizer.json"))
+    dtype_name = str(next(model.parameters()).dtype).removeprefix("torch.")
+    p, size = c.vision.patch_size, c.vision.image_size
+    files = {
+        "config.json": dict(architectures=["LlavaForConditionalGeneration"], model_type="llava",
+                            vision_config=hf_vision_config(c.vision), text_config=hf_qwen_config(c.llm),
+                            vision_feature_layer=c.feature_layer, vision_feature_select_strategy="full",
+                            image_token_index=image_id, image_token_id=image_id, image_seq_length=grid,
+                            projector_hidden_act="gelu", multimodal_projector_bias=True,
+                            tie_word_embeddings=c.llm.tie_embeddings, torch_dtype=dtype_name,
+                            chat_style=model.chat_style),
+        "tokenizer_config.json": dict(tokenizer_class="Qwen2Tokenizer", bos_token=None, eos_token="<|im_end|>",
+                                      pad_token="<|endoftext|>", unk_token=None, add_bos_token=False,
+                                      model_max_length=32768, padding_side="left",
+                                      chat_template=CHAT_TEMPLATES[model.chat_style]),
+        "preprocessor_config.json": dict(image_processor_type="SiglipImageProcessor", processor_class="LlavaProcessor",
+                                         do_resize=True, size={"height": size, "width": size}, resample=3,
+                                         do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
+                                         image_mean=[0.5] * 3, image_std=[0.5] * 3, do_convert_rgb=True),
+        "processor_config.json": dict(processor_class="LlavaProcessor", image_token="<image>", patch_size=p,
+                                      vision_feature_select_strategy="full", num_additional_image_tokens=0),
+        "generation_config.json": dict(eos_token_id=tok.eos_id, pad_token_id=tok.pad_id, bos_token_id=tok.bos_id),
+    }
+    for name, obj in files.items():
+        M.write_json(os.path.join(out_dir, name), obj)
+    return out_dir
+
+
+@dataclass
+class ExportConfig:
+    """python weights.py export-hf SRC OUT [flags]: any checkpoint load_vlm takes -> a transformers LLaVA dir."""
+    full_res: bool = False  # export a pooled (144-token) checkpoint on all patches: changes what the model sees
+    dtype: str | None = None  # e.g. bfloat16; default: the checkpoint's own
+    vision: str | None = None  # where a checkpoint without vision weights gets them (default: its config's hub id)
+    llm: str | None = None  # likewise for the LLM
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) < 3 or argv[0] != "export-hf" or argv[1].startswith("-") or argv[2].startswith("-"):
+        sys.exit("usage: python weights.py export-hf SRC OUT [--full-res] [--dtype bfloat16] [--vision V] [--llm L]")
+    cfg = M.parse_config(ExportConfig, argv[3:])
+    out = export_hf(argv[1], argv[2], cfg.full_res, getattr(torch, cfg.dtype) if cfg.dtype else None, cfg.vision,
+                    cfg.llm)
+    print(f"wrote {out}: {', '.join(sorted(os.listdir(out)))}")
+
+
+if __name__ == "__main__":
+    main()
