@@ -483,23 +483,24 @@ def write_safetensors(out_dir: str, tensors, shard_bytes: int = 5_000_000_000):
 
 # The chat formats of model.chat_tokens (and MLM-Filter's qwen_instruct) as Jinja chat templates. Content is a string
 # or a list of {"type": "image"} / {"type": "text", "text"} parts; processors expand each <image> to its tokens.
-_CONTENT = ("{%- macro content(m, images) -%}{%- if m['content'] is string -%}{{ m['content'] if images else "
-            "m['content'].replace('<image>', '') }}{%- else -%}{%- for p in m['content'] -%}{%- if p['type'] == "
-            "'image' and images -%}<image>{%- elif p['type'] == 'text' -%}{{ p['text'] }}{%- endif -%}{%- endfor -%}"
-            "{%- endif -%}{%- endmacro -%}{%- set system = messages[0]['content'] if messages[0]['role'] == 'system' "
-            "else '" + M.SYSTEM_PROMPT + "' -%}")
-_TURNS = "{%- for m in messages if m['role'] != 'system' -%}"
+_CONTENT = ("{% macro content(m, images) %}{% if m['content'] is string %}{{ m['content'] if images else "
+            "m['content'].replace('<image>', '') }}{% else %}{% for p in m['content'] %}{% if p['type'] == "
+            "'image' and images %}<image>{% elif p['type'] == 'text' %}{{ p['text'] }}{% endif %}{% endfor %}"
+            "{% endif %}{% endmacro %}{% set system = messages[0]['content'] if messages[0]['role'] == 'system' "
+            "else '" + M.SYSTEM_PROMPT + "' %}")
+_TURNS = "{% for m in messages if m['role'] != 'system' %}"
 CHAT_TEMPLATES = {
     "qwen2": _CONTENT + "<s><|im_start|>system\n{{ system }}<|im_end|>\n" + _TURNS + "<|im_start|>{{ m['role'] }}\n"
-    "{{ content(m, true) | trim }}<|im_end|>\n{%- endfor -%}{%- if add_generation_prompt -%}<|im_start|>assistant\n"
-    "{%- endif -%}",
-    "release": _CONTENT + "{%- if '<image>' in messages | map('tojson') | join -%}<image>\n{%- endif -%}<s><|im_start|>"
-    "system\n{{ system }}<|im_end|>\n" + _TURNS + "{%- if m['role'] == 'user' -%}<|im_start|>user\n{{ '\n' if "
-    "content(m, true) != content(m, false) }}{{ content(m, false) | trim }}<|im_end|>assistant{%- else -%}"
-    "{{ content(m, true) | trim }}<|im_end|>\n{%- endif -%}{%- endfor -%}",
+    "{{ content(m, true) | trim }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% endif %}",
+    "release": _CONTENT + "{% set ns = namespace(image=false) %}{% for m in messages %}{% if '<image>' in content(m, "
+    "true) %}{% set ns.image = true %}{% endif %}{% endfor %}{% if ns.image %}<image>\n{% endif %}<s><|im_start|>"
+    "system\n{{ system }}<|im_end|>\n" + _TURNS + "{% if m['role'] == 'user' %}<|im_start|>user\n{{ '\n' if "
+    "content(m, true) != content(m, false) }}{{ content(m, false) | trim }}<|im_end|>assistant{% else %}"
+    "{{ content(m, true) | trim }}<|im_end|>\n{% endif %}{% endfor %}",
     "qwen_instruct": _CONTENT.replace(M.SYSTEM_PROMPT, M.SYSTEM_PROMPT[:-1]) + "<|im_start|>system\n{{ system }}"
-    "<|im_end|>" + _TURNS + "<|im_start|>{{ m['role'] }}\n{{ content(m, true) }}<|im_end|>{%- endfor -%}"
-    "{%- if add_generation_prompt -%}<|im_start|>assistant\n{%- endif -%}",
+    "<|im_end|>" + _TURNS + "<|im_start|>{{ m['role'] }}\n{{ content(m, true) }}<|im_end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
 }
 
 
@@ -553,6 +554,9 @@ def export_hf(src: str, out_dir: str, full_res: bool = False, dtype=None, vision
     }
     for name, obj in files.items():
         M.write_json(os.path.join(out_dir, name), obj)
+    with open(os.path.join(out_dir, ".chat_template.jinja.tmp"), "w") as f:  # where processors look for it
+        f.write(CHAT_TEMPLATES[model.chat_style])
+    os.replace(os.path.join(out_dir, ".chat_template.jinja.tmp"), os.path.join(out_dir, "chat_template.jinja"))
     return out_dir
 
 

@@ -40,14 +40,17 @@ def qwen_like_tokenizer(path, base_vocab=None) -> str:
     return str(path)
 
 
-def random_vlm(cfg: M.VLMConfig, seed: int = 0) -> M.VLM:
-    """init_weights, then biases and norms perturbed so that a wrong mapping of any of them shows."""
+def random_vlm(cfg: M.VLMConfig, seed: int = 0, scale: float = 8.0) -> M.VLM:
+    """init_weights, then biases and norms perturbed so that a wrong mapping of any of them shows, and matrices
+    scaled (std 0.02 * scale) so that greedy decoding is not one token repeated."""
     net = M.VLM(cfg).init_weights(seed).eval()
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for name, p in net.named_parameters():
             if name.endswith("bias") or "norm" in name:
                 p.add_(torch.randn(p.shape, generator=g) * 0.1)
+            elif p.dim() > 1:
+                p.mul_(scale)
     return net
 
 

@@ -136,3 +136,112 @@ def test_bad_inputs_name_the_file(tmp_path, tok_path):
     M.write_json(str(tmp_path / "config.json"), {"model_type": "bert"})
     with pytest.raises(ValueError, match=r"config\.json.*bert"):
         W.load_vlm(str(tmp_path))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Out: the transformers export
+
+
+def transformers_or_skip():
+    return pytest.importorskip("transformers")
+
+
+def own_checkpoint(tmp_path, net, chat_style=None):
+    d = str(tmp_path / "own")
+    net.save_pretrained(d)
+    qwen_like_tokenizer(os.path.join(d, "tokenizer.json"))
+    if chat_style:  # as sft.py records it
+        with open(os.path.join(d, "config.json")) as f:
+            M.write_json(os.path.join(d, "config.json"), {**json.load(f), "chat_style": chat_style})
+    return d
+
+
+def hf_image_features(hf, pixel_values):
+    out = hf.model.get_image_features(pixel_values=pixel_values)
+    return torch.stack(list(getattr(out, "pooler_output", out)))  # transformers v5: a list per image; v4: a tensor
+
+
+def test_export_parity_with_transformers(tmp_path):
+    """A random tiny full-resolution VLM with perturbed biases, exported: transformers loads it with no custom code
+    and agrees on logits, projected image features, the processor's pixel values and input ids, and greedy
+    generation; importing the export back gives bit-identical weights."""
+    transformers = transformers_or_skip()
+    from PIL import Image
+    net = random_vlm(tiny_config(16, act="gelu", tie=True), seed=6)
+    out = W.export_hf(own_checkpoint(tmp_path, net), str(tmp_path / "hf"))
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "preprocessor_config.json",
+            "processor_config.json", "generation_config.json", "chat_template.jinja"} <= set(os.listdir(out))
+    hf, info = transformers.LlavaForConditionalGeneration.from_pretrained(out, output_loading_info=True)
+    assert not any(info.values()), info  # no missing, unexpected or mismatched tensor
+    hf.eval()
+    auto = transformers.AutoModelForImageTextToText.from_pretrained(out).eval()
+    proc = transformers.AutoProcessor.from_pretrained(out)
+    tok = M.Tokenizer(os.path.join(out, "tokenizer.json"))
+
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (37, 53, 3), dtype=np.uint8))
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "\nan red?"}]}]
+    enc = proc(images=img, text=proc.apply_chat_template(msgs, add_generation_prompt=True), return_tensors="pt")
+    px = M.preprocess(img, 16)[None]
+    assert torch.equal(enc["pixel_values"], px)  # the processor is our preprocessing
+    ids, _ = M.chat_tokens(tok, [{"from": "human", "value": "<image>\nan red?"}, {"from": "gpt", "value": "x"}])
+    ours = ids[: len(ids) - 3]  # up to and with "assistant\n", before the reply
+    image_id = hf.config.image_token_id if hasattr(hf.config, "image_token_id") else hf.config.image_token_index
+    theirs = enc["input_ids"][0].tolist()
+    assert [M.IMAGE_ID if i == image_id else i for i in theirs] == M.expand_images(np.array(ours), 16).tolist()
+    with torch.no_grad():
+        x = torch.tensor([[M.IMAGE_ID if i == image_id else i for i in theirs]])
+        want = net(x, px)
+        print("export parity: max |logits diff|", float((hf(**enc).logits - want).abs().max()), "features",
+              float((hf_image_features(hf, enc["pixel_values"]) - net.image_features(px)).abs().max()))
+        assert (hf(**enc).logits - want).abs().max() <= 1e-4
+        assert (auto(**enc).logits - want).abs().max() <= 1e-4
+        assert (hf_image_features(hf, enc["pixel_values"]) - net.image_features(px)).abs().max() <= 1e-5
+        gen = hf.generate(**enc, max_new_tokens=12, do_sample=False)[0, len(theirs):].tolist()
+    mine = net.generate([ours], px, max_new_tokens=12, stop_ids=[tok.eos_id])[0]
+    print("greedy, transformers:", gen, "ours:", mine)
+    assert len(set(mine)) >= 3 and gen[: len(mine)] == mine and (len(mine) == 12 or gen[len(mine)] == tok.eos_id)
+    same_model(net, W.load_vlm(out))  # the export reads back bit-identically
+
+
+@pytest.mark.parametrize("style", ["qwen2", "release"])
+def test_exported_chat_template_is_our_chat_format(tmp_path, style):
+    transformers = transformers_or_skip()
+    net = random_vlm(tiny_config(16), seed=7)
+    out = W.export_hf(own_checkpoint(tmp_path, net, chat_style=style), str(tmp_path / "hf"))
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out)
+    tok = M.Tokenizer(os.path.join(out, "tokenizer.json"))
+    conv = [{"from": "human", "value": "<image>\nan red?"}, {"from": "gpt", "value": "re"}]
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "\nan red?"}]},
+            {"role": "assistant", "content": [{"type": "text", "text": "re"}]}]
+    text = hf_tok.apply_chat_template(msgs, tokenize=False)
+    image_id = hf_tok.convert_tokens_to_ids("<image>")
+    got = [M.IMAGE_ID if i == image_id else i for i in hf_tok(text, add_special_tokens=False)["input_ids"]]
+    assert got == M.chat_tokens(tok, conv, style=style)[0]
+    assert W.load_vlm(out).chat_style == style
+
+
+def test_export_shards_past_the_limit_with_an_index(tmp_path):
+    transformers = transformers_or_skip()
+    net = random_vlm(tiny_config(16, tie=False), seed=8)
+    out = W.export_hf(own_checkpoint(tmp_path, net), str(tmp_path / "hf"), shard_bytes=100_000)
+    with open(os.path.join(out, "model.safetensors.index.json")) as f:
+        index = json.load(f)
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1 and not os.path.exists(os.path.join(out, "model.safetensors"))
+    assert all(os.path.isfile(os.path.join(out, s)) for s in shards)
+    hf, info = transformers.LlavaForConditionalGeneration.from_pretrained(out, output_loading_info=True)
+    assert not any(info.values()), info
+    same_model(net, W.load_vlm(out))
+
+
+def test_export_refuses_a_pooled_checkpoint_unless_full_res(tmp_path, capsys):
+    net = random_vlm(tiny_config(4), seed=9)
+    src = own_checkpoint(tmp_path, net)
+    with pytest.raises(ValueError, match="--full-res"):
+        W.export_hf(src, str(tmp_path / "hf"))
+    W.main(["export-hf", src, str(tmp_path / "hf"), "--full-res"])
+    assert "full resolution" in capsys.readouterr().out
+    with open(tmp_path / "hf" / "config.json") as f:
+        assert json.load(f)["image_seq_length"] == 16
+    got = W.load_vlm(str(tmp_path / "hf"))
+    assert got.config.image_tokens == 16 and torch.equal(got.projector.fc1.weight, net.projector.fc1.weight)
