@@ -1,14 +1,7 @@
 """
-Checkpoint formats in and out, for model.py's modules. In: transformers' Qwen2 and SigLIP safetensors (single or
-sharded), timm/open_clip SigLIP, and through `load_vlm`, the one loader the stages use, every VLM layout: our own,
-the released Open-Qwen2VL prismatic run dirs, the MLM-Filter (LLaVA-Qwen) judge, transformers' LLaVA. Out:
-`export_hf`, a directory transformers' LlavaForConditionalGeneration and AutoProcessor load with no custom code:
-
-    python weights.py export-hf SRC OUT [--full-res] [--dtype bfloat16] [--vision V] [--llm L]
-
-model.py is the ground floor; this file builds on it and no module of model.py imports it at load time (the
-`from_pretrained` classmethods import it inside the call).
-Spec: ../shared/design/formats.md §3-4 (released layouts), reference.md §8.10 (the official checkpoint).
+Checkpoint formats in: HF Qwen2 and SigLIP, timm SigLIP, and (`load_vlm`, the stages' one loader) ours, the released
+Open-Qwen2VL, the MLM-Filter judge, transformers' LLaVA. Out: `python weights.py export-hf SRC OUT`, transformers'
+LLaVA. Builds on model.py, which imports it only inside calls. Spec: ../shared/design/formats.md §3-4, reference.md.
 """
 from __future__ import annotations
 
@@ -39,8 +32,7 @@ def _act(name: str) -> str:
 HF_ACT = {"gelu_tanh": "gelu_pytorch_tanh", "gelu": "gelu"}  # ours -> transformers' name, for writing configs
 
 
-def _siglip_fields(d: dict) -> dict:
-    """Fields both SigLIP towers have."""
+def _siglip_fields(d: dict) -> dict:  # both SigLIP towers have them
     return dict(hidden_size=d.get("hidden_size", 768), intermediate_size=d.get("intermediate_size", 3072),
                 num_layers=d.get("num_hidden_layers", 12), num_heads=d.get("num_attention_heads", 12),
                 eps=d.get("layer_norm_eps", 1e-6), act=_act(d.get("hidden_act", "gelu_pytorch_tanh")))
@@ -210,9 +202,8 @@ def _llm_rules(c: QwenConfig) -> list:  # a tied head is the embedding: a stored
     return ([(r"lm_head\.weight", SKIP)] if c.tie_embeddings else []) + QWEN_KEYS
 
 
-def _vision_tables(prefixes, ours: str, use_head: bool) -> list:
-    """Mapper tables for a SigLIP vision tower stored under any of `prefixes`."""
-    skip = [(r"text_model\..*|text\..*|logit_(scale|bias)", SKIP)] + ([] if use_head else [(r"(?:head|attn_pool)\..*", SKIP)])
+def _vision_tables(prefixes, ours: str, use_head: bool) -> list:  # a SigLIP vision tower under any of `prefixes`
+    skip = [(r"text_model\..*|text\..*|logit_(scale|bias)" + ("" if use_head else r"|(?:head|attn_pool)\..*"), SKIP)]
     return [(pre, rules, ours) for pre in prefixes for rules in (skip, VISION_KEYS)]
 
 
@@ -266,11 +257,9 @@ PROJ_KEYS = [(r"(?:mlp_projector\.0|linear_1)\.(weight|bias)", r"fc1.\1"),  # of
              (r"(?:mlp_projector\.2|linear_2)\.(weight|bias)", r"fc2.\1")]  # transformers' LlavaMultiModalProjector
 
 
-def load_official(ckpt: str, vision: str, llm: str, image_tokens: int = 144, dtype=None, act: str | None = None,
-                  feature_layer: int = -2) -> VLM:
-    """The official `latest-checkpoint.pt`: {"model": {"projector": {mlp_projector.0/2.*}, "llm_backbone": {llm.*}}}
-    in fp32 (§8.10). It has no vision weights (they come from `vision`, timm or HF SigLIP) and no LLM config (read
-    from `llm`'s config.json). Loaded with weights_only=True: no code in a checkpoint ever runs."""
+def load_official(ckpt: str, vision: str, llm: str, image_tokens: int = 144, dtype=None, act: str | None = None) -> VLM:
+    """The official `latest-checkpoint.pt`, {"model": {"projector": {mlp_projector.0/2.*}, "llm_backbone": {llm.*}}}
+    in fp32 (§8.10); vision weights from `vision`, the LLM config from `llm`. weights_only: no code in it ever runs."""
     try:
         sd = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)["model"]
         tensors = [(ckpt, k, t) for part in ("projector", "llm_backbone") for k, t in sd[part].items()]
@@ -280,7 +269,7 @@ def load_official(ckpt: str, vision: str, llm: str, image_tokens: int = 144, dty
     v = load_vision(vision, act=act, dtype=dtype)
     v.config.use_head, v.head = False, None  # the VLM never uses SigLIP's pooling head
     with torch.device("meta"):
-        model = VLM(VLMConfig(v.config, c, image_tokens, feature_layer))
+        model = VLM(VLMConfig(v.config, c, image_tokens))
     model.vision = v
     rules = _llm_rules(c)
     key_map = _mapper(("", PROJ_KEYS, "projector."), ("llm.model.", rules, "llm."), ("llm.", rules, "llm."))
@@ -290,11 +279,8 @@ def load_official(ckpt: str, vision: str, llm: str, image_tokens: int = 144, dty
 # -----------------------------------------------------------------------------------------------------------------
 # The one loader the stages use: every VLM layout, recognised by its config.json (formats.md §3-4).
 
-REGISTRY = {  # the official code's backbone ids -> (hub id, the activation it ran: timm's SigLIP is exact GELU, §1.1)
-    "siglip-vit-so400m-384px": ("google/siglip-so400m-patch14-384", "gelu"),
-    "qwen2.5-1.5b-instruct": ("Qwen/Qwen2.5-1.5B-Instruct", None),
-}
-QWEN_HUB = REGISTRY["qwen2.5-1.5b-instruct"][0]  # the LLM of checkpoints that name none
+REGISTRY = {"siglip-vit-so400m-384px": ("google/siglip-so400m-patch14-384", "gelu"),  # backbone id -> (hub id,
+            "qwen2.5-1.5b-instruct": ("Qwen/Qwen2.5-1.5B-Instruct", None)}  # the activation it ran: timm's is exact)
 LLM_FILES = ("config.json", "*.safetensors", "*.safetensors.index.json", "tokenizer.json")
 
 
@@ -307,8 +293,8 @@ def _load_own(d, c, vision, llm, dtype, image_tokens):
 
 
 def _load_prismatic(d, c, vision, llm, dtype, image_tokens):
-    """A released Open-Qwen2VL run dir: config.json's model.* names the backbones by registry id, the weights are
-    checkpoints/latest-checkpoint.pt (projector + LLM). `vision`/`llm` override where the backbones come from."""
+    """A released Open-Qwen2VL run dir: config.json names the backbones by registry id; projector and LLM weights
+    are in checkpoints/latest-checkpoint.pt."""
     m, cfg = c["model"], os.path.join(d, "config.json")
     for key, override in (("vision_backbone_id", vision), ("llm_backbone_id", llm)):
         if override is None and m[key] not in REGISTRY:
@@ -324,73 +310,61 @@ def _load_prismatic(d, c, vision, llm, dtype, image_tokens):
     return model, _tokenizer(llm_dir), "release"  # the chat format the released checkpoints most likely saw (§1.8)
 
 
-def _load_llava_qwen(d, c, vision, llm, dtype, image_tokens):
-    """The MLM-Filter judge (LLaVA-Unified's LlavaQwenForCausalLM, §3.2): Qwen2 keys `model.*`, the avg-pool MLP at
-    `model.mm_projector.mlp_projector.{0,2}`, features of block `mm_vision_select_layer` (-1: the last) of an HF
-    SigLIP (tanh GELU) whose weights are in the checkpoint or at `mm_vision_tower` (its config is read there)."""
-    if c.get("mm_projector_type") != "aapool_mlp":
-        raise ValueError(f"{d}/config.json: mm_projector_type {c.get('mm_projector_type')!r}: only MLM-Filter's "
-                         "'aapool_mlp' (average pooling + 2-layer MLP) is implemented")
-    v_src = vision or c["mm_vision_tower"]
-    vc = read_config(resolve(v_src, ("config.json",)))
-    vc = dataclasses.replace(vision_config(vc.get("vision_config", vc)), use_head=False)
-    cfg = VLMConfig(vc, qwen_config(c), image_tokens or c.get("mm_num_image_tokens", 144),
-                    c.get("mm_vision_select_layer", -2))
-    with torch.device("meta"):
-        model = VLM(cfg)
-    tower = "model.vision_tower.vision_tower.vision_model."
-    if not any(n.startswith(tower) for _, n, _ in read_tensors(d, names_only=True)):
-        model.vision = load_vision(v_src, config=vc, dtype=dtype)
-    rules = _llm_rules(cfg.llm)
-    key_map = _mapper(("model.mm_projector.", PROJ_KEYS, "projector."), *_vision_tables((tower,), "vision.", False),
-                      ("model.", rules, "llm."), ("", rules, "llm."))
-    tok = _tokenizer(d) or _tokenizer(resolve(llm or QWEN_HUB, ("tokenizer.json",)))
-    return load_into(model, read_tensors(d), key_map, dtype), tok, "qwen_instruct"
+LLAVA_ONLY = {"vision_config": "siglip_vision_model", "text_config": "qwen2", "projector_hidden_act": "gelu",
+              "vision_feature_select_strategy": "full", "multimodal_projector_bias": True}  # what _load_llava reads
 
 
 def _load_llava(d, c, vision, llm, dtype, image_tokens):
-    """transformers' LlavaForConditionalGeneration with a SigLIP tower, Qwen2 LLM and the plain 2-layer GELU
-    projector on every patch (our export_hf); the v4 (`language_model.model.*`) and v5 (`model.*`) key layouts."""
-    v, t = c.get("vision_config", {}), c.get("text_config", {})
-    found = {"vision_config.model_type": v.get("model_type"), "text_config.model_type": t.get("model_type"),
-             "projector_hidden_act": c.get("projector_hidden_act", "gelu"),
-             "vision_feature_select_strategy": c.get("vision_feature_select_strategy", "default"),
-             "multimodal_projector_bias": c.get("multimodal_projector_bias", True),
-             "vision_feature_layer": type(c.get("vision_feature_layer", -2)).__name__}
-    want = {"vision_config.model_type": "siglip_vision_model", "text_config.model_type": "qwen2",
-            "projector_hidden_act": "gelu", "vision_feature_select_strategy": "full",
-            "multimodal_projector_bias": True, "vision_feature_layer": "int"}
-    if bad := {k: found[k] for k in want if found[k] != want[k]}:
-        raise ValueError(f"{d}/config.json: a LLaVA variant this does not implement: found {bad}, implemented {want} "
-                         "(a SigLIP tower, a Qwen2 LLM, Linear-GELU-Linear on all patches)")
+    """transformers' LlavaForConditionalGeneration (model_type llava: a SigLIP tower, Qwen2, Linear-GELU-Linear on
+    every patch, e.g. our export; v4 or v5 key names), or the MLM-Filter judge (llava_qwen, §3.2: Qwen2 at `model.*`,
+    the avg-pool MLP at `model.mm_projector.mlp_projector.{0,2}`, block `mm_vision_select_layer` (-1: the last) of
+    an HF SigLIP (tanh GELU) whose weights are in the checkpoint or at `mm_vision_tower`, with its config)."""
+    judge = c["model_type"] == "llava_qwen"
+    if judge and c.get("mm_projector_type") != "aapool_mlp":
+        raise ValueError(f"{d}/config.json: mm_projector_type {c.get('mm_projector_type')!r}: only MLM-Filter's "
+                         "'aapool_mlp' (average pooling + 2-layer MLP) is implemented")
+    if judge:
+        v = read_config(resolve(v_src := vision or c["mm_vision_tower"], ("config.json",)))
+        v, t, tokens, layer = v.get("vision_config", v), c, c.get("mm_num_image_tokens"), c["mm_vision_select_layer"]
+    else:
+        cc = {"projector_hidden_act": "gelu", "multimodal_projector_bias": True, "vision_feature_layer": -2, **c}
+        found = {k: (cc.get(k) or {}).get("model_type") if k.endswith("_config") else cc.get(k) for k in LLAVA_ONLY}
+        if found != LLAVA_ONLY or not isinstance(cc["vision_feature_layer"], int):
+            raise ValueError(f"{d}/config.json: a LLaVA variant this does not implement: found {found}, vision_"
+                             f"feature_layer {cc['vision_feature_layer']!r}; implemented: {LLAVA_ONLY}, one int layer")
+        v, t, tokens, layer = c["vision_config"], c["text_config"], None, cc["vision_feature_layer"]
     vc = dataclasses.replace(vision_config(v), use_head=False)
-    cfg = VLMConfig(vc, qwen_config(t), image_tokens or (vc.image_size // vc.patch_size) ** 2,
-                    c.get("vision_feature_layer", -2))
+    cfg = VLMConfig(vc, qwen_config(t), image_tokens or tokens or (vc.image_size // vc.patch_size) ** 2, layer)
     with torch.device("meta"):
         model = VLM(cfg)
+    towers = ("model.vision_tower.vision_tower.vision_model.", "model.vision_tower.vision_model.",
+              "model.vision_tower.", "vision_tower.vision_model.", "vision_tower.")
+    if judge and not any(n.startswith(towers[0]) for _, n, _ in read_tensors(d, names_only=True)):
+        model.vision = load_vision(v_src, config=vc, dtype=dtype)
     rules = _llm_rules(cfg.llm)
-    towers = ("model.vision_tower.vision_model.", "model.vision_tower.", "vision_tower.vision_model.", "vision_tower.")
-    key_map = _mapper(("model.multi_modal_projector.", PROJ_KEYS, "projector."), ("multi_modal_projector.", PROJ_KEYS,
-                      "projector."), *_vision_tables(towers, "vision.", False), ("model.language_model.", rules, "llm."),
-                      ("language_model.model.", rules, "llm."), ("language_model.", rules, "llm."), ("", rules, "llm."))
-    return load_into(model, read_tensors(d), key_map, dtype), _tokenizer(d), c.get("chat_style", "qwen2")
+    key_map = _mapper(*[(p, PROJ_KEYS, "projector.") for p in ("model.mm_projector.", "model.multi_modal_projector.",
+                                                              "multi_modal_projector.")],
+                      *_vision_tables(towers, "vision.", False), *[(p, rules, "llm.") for p in (
+                          "model.language_model.", "language_model.model.", "language_model.", "model.", "")])
+    tok = _tokenizer(d) or _tokenizer(resolve(llm or REGISTRY["qwen2.5-1.5b-instruct"][0], ("tokenizer.json",)))
+    return load_into(model, read_tensors(d), key_map, dtype), tok, c.get("chat_style", "qwen_instruct" if judge else
+                                                                         "qwen2")
 
 
 LOADERS = {  # kind -> (loader, the files a hub snapshot needs)
     "open-qwen2vl": (_load_own, ("config.json", "*.safetensors", "tokenizer.json")),
     "prismatic": (_load_prismatic, ("config.json", "checkpoints/latest-checkpoint.pt")),
-    "llava_qwen": (_load_llava_qwen, ("config.json", "*.safetensors", "*.safetensors.index.json", "tokenizer.json")),
+    "llava_qwen": (_load_llava, ("config.json", "*.safetensors", "*.safetensors.index.json", "tokenizer.json")),
     "llava": (_load_llava, ("*.json", "*.safetensors")),
 }
 
 
 def load_vlm(src: str, vision: str | None = None, llm: str | None = None, dtype=None,
              image_tokens: int | None = None) -> VLM:
-    """Any VLM checkpoint (a local dir or hub id), recognised by its config.json: ours (model.save_vlm), a released
-    Open-Qwen2VL prismatic run dir, the MLM-Filter judge (llava_qwen), a transformers LLaVA dir (our export).
-    `vision`/`llm` say where checkpoints that do not hold their backbones fetch them (default: the hub ids their
-    config names). The model gets `tokenizer_path` (the tokenizer.json that goes with it: the checkpoint's own or its
-    LLM's; model.Tokenizer adds the paper's tokens) and `chat_style` (the chat format it was tuned with)."""
+    """Any VLM checkpoint (local dir or hub id), recognised by its config.json: ours, a released prismatic run dir,
+    the MLM-Filter judge, a transformers LLaVA dir. `vision`/`llm`: where backbones a checkpoint lacks come from
+    (default: the hub ids it names). Sets `tokenizer_path` (the checkpoint's tokenizer.json, else its LLM's:
+    model.Tokenizer adds the paper's tokens) and `chat_style` (the chat format the model was tuned with)."""
     d = resolve(src, ("config.json",))
     c = read_config(d)
     kind = "prismatic" if "vision_backbone_id" in (c.get("model") or {}) else c.get("model_type")
@@ -405,158 +379,125 @@ def load_vlm(src: str, vision: str | None = None, llm: str | None = None, dtype=
 # Export: an SFT'd Open-Qwen2VL *is* a transformers LLaVA (SigLIP features of one block without the final LayerNorm,
 # Linear-GELU-Linear, Qwen2), written in the classic llava-hf layout every tool reads (transformers v4 and v5, vLLM).
 
-_HV, _HL = r"vision_tower.vision_model.encoder.layers.\1.", r"language_model.model.layers.\1."
-EXPORT_KEYS = [  # our name -> transformers' name; a part list splits a fused tensor ({} is the part)
-    (r"vision\.patch_embed\.(\w+)", r"vision_tower.vision_model.embeddings.patch_embedding.\1"),
-    (r"vision\.pos_embed", "vision_tower.vision_model.embeddings.position_embedding.weight"),
-    (r"vision\.post_norm\.(\w+)", r"vision_tower.vision_model.post_layernorm.\1"),
-    (r"vision\.blocks\.(\d+)\.norm([12])\.(\w+)", _HV + r"layer_norm\2.\3"),
-    (r"vision\.blocks\.(\d+)\.qkv\.(\w+)", _HV + r"self_attn.{}_proj.\2", "qkv"),
-    (r"vision\.blocks\.(\d+)\.proj\.(\w+)", _HV + r"self_attn.out_proj.\2"),
-    (r"vision\.blocks\.(\d+)\.(fc[12])\.(\w+)", _HV + r"mlp.\2.\3"),
-    (r"projector\.fc([12])\.(\w+)", r"multi_modal_projector.linear_\1.\2"),
-    (r"llm\.(embed_tokens|norm)\.weight", r"language_model.model.\1.weight"),
-    (r"llm\.lm_head\.weight", "language_model.lm_head.weight"),
-    (r"llm\.layers\.(\d+)\.qkv\.(\w+)", _HL + r"self_attn.{}_proj.\2", "qkv"),
-    (r"llm\.layers\.(\d+)\.gate_up\.weight", _HL + "mlp.{}_proj.weight", ("gate", "up")),
-    (r"llm\.layers\.(\d+)\.o_proj\.weight", _HL + "self_attn.o_proj.weight"),
-    (r"llm\.layers\.(\d+)\.down\.weight", _HL + "mlp.down_proj.weight"),
-    (r"llm\.layers\.(\d+)\.attn_norm\.weight", _HL + "input_layernorm.weight"),
-    (r"llm\.layers\.(\d+)\.mlp_norm\.weight", _HL + "post_attention_layernorm.weight"),
-]
+HF_NAMES = {  # our prefix -> transformers' (llava-hf) prefix; inside blocks/layers the leaf names map by HF_LEAVES
+    "vision.blocks.": "vision_tower.vision_model.encoder.layers.", "llm.layers.": "language_model.model.layers.",
+    "vision.patch_embed.": "vision_tower.vision_model.embeddings.patch_embedding.",
+    "vision.pos_embed": "vision_tower.vision_model.embeddings.position_embedding.weight",
+    "vision.post_norm.": "vision_tower.vision_model.post_layernorm.", "llm.lm_head.": "language_model.lm_head.",
+    "llm.embed_tokens.": "language_model.model.embed_tokens.", "llm.norm.": "language_model.model.norm.",
+    "projector.fc1.": "multi_modal_projector.linear_1.", "projector.fc2.": "multi_modal_projector.linear_2."}
+HF_LEAVES = {"norm1": "layer_norm1", "norm2": "layer_norm2", "proj": "self_attn.out_proj", "fc1": "mlp.fc1",
+             "fc2": "mlp.fc2", "qkv": "self_attn.{}_proj", "gate_up": "mlp.{}_proj", "o_proj": "self_attn.o_proj",
+             "down": "mlp.down_proj", "attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm"}
 
 
 def hf_tensors(model: VLM):
-    """(transformers name, tensor) for every tensor of `model` but SigLIP's pooling head, which LLaVA never uses."""
+    """(transformers name, tensor) for every tensor of `model` but SigLIP's pooling head, which LLaVA never uses;
+    fused tensors are split: Qwen's q/k/v by head counts (GQA), SigLIP's q/k/v and gate/up evenly."""
     q = model.config.llm
-    rules = [(re.compile(r[0]), r[1], r[2] if len(r) > 2 else None) for r in EXPORT_KEYS]
+    qkv = [q.num_heads * q.head_dim] + [q.num_kv_heads * q.head_dim] * 2
     for name, t in model.state_dict().items():
-        m, repl, parts = next(((m, repl, parts) for rx, repl, parts in rules if (m := rx.fullmatch(name))), (None,) * 3)
-        if m is None and name.startswith("vision.head."):
+        pre = next((p for p in HF_NAMES if name.startswith(p)), None)
+        if pre is None and name.startswith("vision.head."):
             continue
-        if m is None:
+        if pre is None:
             raise KeyError(f"no transformers name for {name!r}")
-        if parts is None:
-            yield m.expand(repl), t
-            continue
-        kv = q.num_kv_heads * q.head_dim
-        sizes = [q.num_heads * q.head_dim, kv, kv] if name.startswith("llm.") and parts == "qkv" else len(parts)
-        yield from ((m.expand(repl).format(p), piece) for p, piece in zip(parts, t.split(sizes) if
-                    isinstance(sizes, list) else t.chunk(sizes)))
+        hf = HF_NAMES[pre] + ".".join(HF_LEAVES.get(p, p) for p in name[len(pre):].split("."))
+        parts = ("gate", "up") if ".gate_up." in name else "qkv"
+        sizes = qkv if pre == "llm.layers." and parts == "qkv" else t.shape[0] // len(parts)
+        yield from zip(map(hf.format, parts), t.split(sizes)) if "{}" in hf else [(hf, t)]
 
 
-def hf_vision_config(v: VisionConfig) -> dict:
-    return dict(model_type="siglip_vision_model", hidden_size=v.hidden_size, intermediate_size=v.intermediate_size,
-                num_hidden_layers=v.num_layers, num_attention_heads=v.num_heads, image_size=v.image_size,
-                patch_size=v.patch_size, layer_norm_eps=v.eps, hidden_act=HF_ACT[v.act], vision_use_head=False)
-
-
-def hf_qwen_config(q: QwenConfig) -> dict:
-    return dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"], vocab_size=q.vocab_size,
-                hidden_size=q.hidden_size, intermediate_size=q.intermediate_size, num_hidden_layers=q.num_layers,
-                num_attention_heads=q.num_heads, num_key_value_heads=q.num_kv_heads, head_dim=q.head_dim,
-                rope_theta=q.rope_theta, rope_parameters={"rope_type": "default", "rope_theta": q.rope_theta},
-                rms_norm_eps=q.eps, tie_word_embeddings=q.tie_embeddings, max_position_embeddings=32768,
-                hidden_act="silu", use_sliding_window=False)
+def hf_configs(c: VLMConfig) -> tuple[dict, dict]:
+    """transformers' SigLIP vision and Qwen2 config dicts of `c` (rope_theta for v4, rope_parameters for v5)."""
+    v, q = c.vision, c.llm
+    return (dict(model_type="siglip_vision_model", hidden_size=v.hidden_size, intermediate_size=v.intermediate_size,
+                 num_hidden_layers=v.num_layers, num_attention_heads=v.num_heads, image_size=v.image_size,
+                 patch_size=v.patch_size, layer_norm_eps=v.eps, hidden_act=HF_ACT[v.act], vision_use_head=False),
+            dict(model_type="qwen2", vocab_size=q.vocab_size, hidden_size=q.hidden_size, head_dim=q.head_dim,
+                 intermediate_size=q.intermediate_size, num_hidden_layers=q.num_layers, num_attention_heads=q.num_heads,
+                 num_key_value_heads=q.num_kv_heads, rope_theta=q.rope_theta, rms_norm_eps=q.eps,
+                 rope_parameters={"rope_type": "default", "rope_theta": q.rope_theta}, tie_word_embeddings=q.tie_embeddings))
 
 
 def write_safetensors(out_dir: str, tensors, shard_bytes: int = 5_000_000_000):
-    """model.safetensors, or past `shard_bytes` model-0000i-of-0000n.safetensors + model.safetensors.index.json
-    (transformers' names and index format); each file written to a temp name, then renamed."""
+    """model.safetensors, or past `shard_bytes` model-0000i-of-0000n.safetensors + transformers' index, atomically."""
     from safetensors.torch import save_file
-    shards, size = [{}], 0
+    shards = [{}]
     for name, t in tensors:
-        n = t.numel() * t.element_size()
-        if shards[-1] and size + n > shard_bytes:
-            shards, size = shards + [{}], 0
-        shards[-1][name], size = t.detach().contiguous().cpu(), size + n
-    names = ["model.safetensors"] if len(shards) == 1 else \
-        [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+        if shards[-1] and sum(x.nbytes for x in shards[-1].values()) + t.nbytes > shard_bytes:
+            shards.append({})
+        shards[-1][name] = t.detach().contiguous().cpu()
+    n = len(shards)
+    names = [f"model-{i + 1:05d}-of-{n:05d}.safetensors" if n > 1 else "model.safetensors" for i in range(n)]
     for name, shard in zip(names, shards):
         save_file(shard, os.path.join(out_dir, name + ".tmp"), metadata={"format": "pt"})
         os.replace(os.path.join(out_dir, name + ".tmp"), os.path.join(out_dir, name))
-    if len(shards) > 1:
-        total = sum(t.numel() * t.element_size() for s in shards for t in s.values())
-        M.write_json(os.path.join(out_dir, "model.safetensors.index.json"), {"metadata": {"total_size": total},
-                     "weight_map": {k: name for name, s in zip(names, shards) for k in s}})
+    if n > 1:
+        M.write_json(os.path.join(out_dir, "model.safetensors.index.json"), {"metadata": {"total_size": sum(
+            t.nbytes for s in shards for t in s.values())}, "weight_map": {k: f for f, s in zip(names, shards) for k in s}})
 
 
 # The chat formats of model.chat_tokens (and MLM-Filter's qwen_instruct) as Jinja chat templates. Content is a string
 # or a list of {"type": "image"} / {"type": "text", "text"} parts; processors expand each <image> to its tokens.
-_CONTENT = ("{% macro content(m, images) %}{% if m['content'] is string %}{{ m['content'] if images else "
-            "m['content'].replace('<image>', '') }}{% else %}{% for p in m['content'] %}{% if p['type'] == "
-            "'image' and images %}<image>{% elif p['type'] == 'text' %}{{ p['text'] }}{% endif %}{% endfor %}"
-            "{% endif %}{% endmacro %}{% set system = messages[0]['content'] if messages[0]['role'] == 'system' "
-            "else '" + M.SYSTEM_PROMPT + "' %}")
-_TURNS = "{% for m in messages if m['role'] != 'system' %}"
+_CONTENT = ("{% macro content(m) %}{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for p in m['content']"
+            " %}{{ '<image>' if p['type'] == 'image' else p.get('text', '') }}{% endfor %}{% endif %}{% endmacro %}"
+            "{% set system = messages[0]['content'] if messages[0]['role'] == 'system' else '" + M.SYSTEM_PROMPT + "' %}")
+_TURNS, _GEN = "{% for m in messages if m['role'] != 'system' %}", "{{ '<|im_start|>assistant\n' if add_generation_prompt }}"
 CHAT_TEMPLATES = {
     "qwen2": _CONTENT + "<s><|im_start|>system\n{{ system }}<|im_end|>\n" + _TURNS + "<|im_start|>{{ m['role'] }}\n"
-    "{{ content(m, true) | trim }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
-    "{% endif %}",
-    "release": _CONTENT + "{% set ns = namespace(image=false) %}{% for m in messages %}{% if '<image>' in content(m, "
-    "true) %}{% set ns.image = true %}{% endif %}{% endfor %}{% if ns.image %}<image>\n{% endif %}<s><|im_start|>"
-    "system\n{{ system }}<|im_end|>\n" + _TURNS + "{% if m['role'] == 'user' %}<|im_start|>user\n{{ '\n' if "
-    "content(m, true) != content(m, false) }}{{ content(m, false) | trim }}<|im_end|>assistant{% else %}"
-    "{{ content(m, true) | trim }}<|im_end|>\n{% endif %}{% endfor %}",
+    "{{ content(m) | trim }}<|im_end|>\n{% endfor %}" + _GEN,
+    "release": _CONTENT + "{% set ns = namespace(image=false) %}{% for m in messages %}{% set ns.image = ns.image or "
+    "'<image>' in content(m) %}{% endfor %}{{ '<image>\n' if ns.image }}<s><|im_start|>system\n{{ system }}<|im_end|>"
+    "\n" + _TURNS + "{% set text = content(m) | replace('<image>', '') | trim %}{% if m['role'] == 'user' %}<|im_start|>"
+    "user\n{{ '\n' if '<image>' in content(m) }}{{ text }}<|im_end|>assistant{% else %}{{ text }}<|im_end|>\n{% endif %}"
+    "{% endfor %}",
     "qwen_instruct": _CONTENT.replace(M.SYSTEM_PROMPT, M.SYSTEM_PROMPT[:-1]) + "<|im_start|>system\n{{ system }}"
-    "<|im_end|>" + _TURNS + "<|im_start|>{{ m['role'] }}\n{{ content(m, true) }}<|im_end|>{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
+    "<|im_end|>" + _TURNS + "<|im_start|>{{ m['role'] }}\n{{ content(m) }}<|im_end|>{% endfor %}" + _GEN,
 }
 
 
-def export_hf(src: str, out_dir: str, full_res: bool = False, dtype=None, vision: str | None = None,
-              llm: str | None = None, shard_bytes: int = 5_000_000_000) -> str:
-    """Any checkpoint load_vlm takes -> a transformers LLaVA directory (config, weights, tokenizer with an <image>
-    token, chat template, image processor, processor, generation config). A pooled checkpoint (144 tokens: a
-    pre-trained base) has no transformers equivalent: refused unless `full_res`, which exports it on all patches."""
+def export_hf(src: str, out_dir: str, full_res: bool = False, dtype=None, shard_bytes: int = 5_000_000_000) -> str:
+    """Any checkpoint load_vlm takes -> a transformers LLaVA dir. A pooled checkpoint (144 tokens: a pre-trained
+    base) has no transformers equivalent: refused unless `full_res`, which exports it on all patches."""
     import tokenizers
-    model = load_vlm(src, vision, llm, dtype)
+    model = load_vlm(src, dtype=dtype)
     c, grid = model.config, (model.config.vision.image_size // model.config.vision.patch_size) ** 2
     if c.image_tokens != grid and not full_res:
         raise ValueError(f"{src}: {c.image_tokens} pooled image tokens per image; transformers' LLaVA has no pooling. "
                          f"--full-res exports it on all {grid} patches, which changes what the model sees")
     if c.image_tokens != grid:
-        print(f"{src}: exporting at full resolution ({grid} tokens per image instead of {c.image_tokens}): the model "
-              "sees images differently than it was trained to")
+        print(f"{src}: exported at full resolution, {grid} tokens per image, not {c.image_tokens}: it sees differently")
     if model.tokenizer_path is None:
-        raise ValueError(f"{src}: no tokenizer.json with the checkpoint: pass llm= (the LLM whose tokenizer it used)")
-    tok = M.Tokenizer(model.tokenizer_path)
+        raise ValueError(f"{src}: no tokenizer.json in the checkpoint or with its LLM")
     hf_tok = tokenizers.Tokenizer.from_file(model.tokenizer_path)
-    hf_tok.add_special_tokens(M.Tokenizer.ADDED + ["<image>"])
-    image_id = hf_tok.token_to_id("<image>")
-    if image_id >= c.llm.vocab_size:
+    hf_tok.add_special_tokens(M.Tokenizer.ADDED + ["<image>"])  # Qwen's own added tokens keep their flags
+    if (image_id := hf_tok.token_to_id("<image>")) >= c.llm.vocab_size:
         raise ValueError(f"{model.tokenizer_path}: <image> would be id {image_id}, past the {c.llm.vocab_size} rows")
     os.makedirs(out_dir, exist_ok=True)
     write_safetensors(out_dir, hf_tensors(model), shard_bytes)
-    hf_tok.save(os.path.join(out_dir, ".tokenizer.json.tmp"))
-    os.replace(os.path.join(out_dir, ".tokenizer.json.tmp"), os.path.join(out_dir, "tokenizer.json"))
-    dtype_name = str(next(model.parameters()).dtype).removeprefix("torch.")
-    p, size = c.vision.patch_size, c.vision.image_size
-    files = {
+    template, size, tid = CHAT_TEMPLATES[model.chat_style], c.vision.image_size, hf_tok.token_to_id
+    for name, obj in {
         "config.json": dict(architectures=["LlavaForConditionalGeneration"], model_type="llava",
-                            vision_config=hf_vision_config(c.vision), text_config=hf_qwen_config(c.llm),
+                            vision_config=hf_configs(c)[0], text_config=hf_configs(c)[1],
                             vision_feature_layer=c.feature_layer, vision_feature_select_strategy="full",
-                            image_token_index=image_id, image_token_id=image_id, image_seq_length=grid,
-                            projector_hidden_act="gelu", multimodal_projector_bias=True,
-                            tie_word_embeddings=c.llm.tie_embeddings, torch_dtype=dtype_name,
-                            chat_style=model.chat_style),
-        "tokenizer_config.json": dict(tokenizer_class="Qwen2Tokenizer", bos_token=None, eos_token="<|im_end|>",
-                                      pad_token="<|endoftext|>", unk_token=None, add_bos_token=False,
-                                      model_max_length=32768, padding_side="left",
-                                      chat_template=CHAT_TEMPLATES[model.chat_style]),
+                            image_token_index=image_id, image_seq_length=grid, projector_hidden_act="gelu",
+                            multimodal_projector_bias=True, tie_word_embeddings=c.llm.tie_embeddings,
+                            torch_dtype=str(next(model.parameters()).dtype)[6:], chat_style=model.chat_style),
+        "tokenizer_config.json": dict(tokenizer_class="Qwen2Tokenizer", eos_token="<|im_end|>",
+                                      pad_token="<|endoftext|>", padding_side="left", chat_template=template),
         "preprocessor_config.json": dict(image_processor_type="SiglipImageProcessor", processor_class="LlavaProcessor",
-                                         do_resize=True, size={"height": size, "width": size}, resample=3,
-                                         do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
-                                         image_mean=[0.5] * 3, image_std=[0.5] * 3, do_convert_rgb=True),
-        "processor_config.json": dict(processor_class="LlavaProcessor", image_token="<image>", patch_size=p,
-                                      vision_feature_select_strategy="full", num_additional_image_tokens=0),
-        "generation_config.json": dict(eos_token_id=tok.eos_id, pad_token_id=tok.pad_id, bos_token_id=tok.bos_id),
-    }
-    for name, obj in files.items():
-        M.write_json(os.path.join(out_dir, name), obj)
-    with open(os.path.join(out_dir, ".chat_template.jinja.tmp"), "w") as f:  # where processors look for it
-        f.write(CHAT_TEMPLATES[model.chat_style])
-    os.replace(os.path.join(out_dir, ".chat_template.jinja.tmp"), os.path.join(out_dir, "chat_template.jinja"))
+                                         size={"height": size, "width": size}, resample=3,  # bicubic squash
+                                         image_mean=[0.5] * 3, image_std=[0.5] * 3),
+        "processor_config.json": dict(processor_class="LlavaProcessor", image_token="<image>",
+                                      patch_size=c.vision.patch_size, vision_feature_select_strategy="full"),
+        "generation_config.json": dict(eos_token_id=tid("<|im_end|>"), pad_token_id=tid("<|endoftext|>"),
+                                       bos_token_id=tid("<s>")),
+        "tokenizer.json": hf_tok.to_str(), "chat_template.jinja": template,  # where processors look for it
+    }.items():
+        with open(os.path.join(out_dir, f".{name}.tmp"), "w") as f:
+            f.write(obj if isinstance(obj, str) else json.dumps(obj, indent=1))
+        os.replace(os.path.join(out_dir, f".{name}.tmp"), os.path.join(out_dir, name))
     return out_dir
 
 
@@ -565,17 +506,14 @@ class ExportConfig:
     """python weights.py export-hf SRC OUT [flags]: any checkpoint load_vlm takes -> a transformers LLaVA dir."""
     full_res: bool = False  # export a pooled (144-token) checkpoint on all patches: changes what the model sees
     dtype: str | None = None  # e.g. bfloat16; default: the checkpoint's own
-    vision: str | None = None  # where a checkpoint without vision weights gets them (default: its config's hub id)
-    llm: str | None = None  # likewise for the LLM
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) < 3 or argv[0] != "export-hf" or argv[1].startswith("-") or argv[2].startswith("-"):
-        sys.exit("usage: python weights.py export-hf SRC OUT [--full-res] [--dtype bfloat16] [--vision V] [--llm L]")
-    cfg = M.parse_config(ExportConfig, argv[3:])
-    out = export_hf(argv[1], argv[2], cfg.full_res, getattr(torch, cfg.dtype) if cfg.dtype else None, cfg.vision,
-                    cfg.llm)
+        sys.exit("usage: python weights.py export-hf SRC OUT [--full-res] [--dtype bfloat16]")
+    c = M.parse_config(ExportConfig, argv[3:])
+    out = export_hf(argv[1], argv[2], c.full_res, c.dtype and getattr(torch, c.dtype))
     print(f"wrote {out}: {', '.join(sorted(os.listdir(out)))}")
 
 

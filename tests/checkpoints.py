@@ -68,7 +68,7 @@ def write_hf_vision(out_dir, vlm, act: str = "gelu_pytorch_tanh") -> str:
     """The VLM's tower as an HF SigLIP vision checkpoint. Its config says `act` (google's say tanh) whatever the
     tower ran: the official code runs exact GELU on weights whose config says tanh."""
     os.makedirs(out_dir, exist_ok=True)
-    M.write_json(os.path.join(out_dir, "config.json"), {**W.hf_vision_config(vlm.config.vision), "hidden_act": act})
+    M.write_json(os.path.join(out_dir, "config.json"), {**W.hf_configs(vlm.config)[0], "hidden_act": act})
     save_file(_renamed(vlm, {"vision_tower.": ""}), os.path.join(out_dir, "model.safetensors"))
     return str(out_dir)
 
@@ -76,7 +76,7 @@ def write_hf_vision(out_dir, vlm, act: str = "gelu_pytorch_tanh") -> str:
 def write_hf_qwen(out_dir, vlm, tokenizer_path=None) -> str:
     """The VLM's LLM as an HF Qwen2ForCausalLM checkpoint (with the tokenizer.json, if given)."""
     os.makedirs(out_dir, exist_ok=True)
-    M.write_json(os.path.join(out_dir, "config.json"), W.hf_qwen_config(vlm.config.llm))
+    M.write_json(os.path.join(out_dir, "config.json"), W.hf_configs(vlm.config)[1])
     save_file(_renamed(vlm, {"language_model.": ""}), os.path.join(out_dir, "model.safetensors"))
     if tokenizer_path:
         shutil.copy(tokenizer_path, os.path.join(out_dir, "tokenizer.json"))
@@ -115,7 +115,7 @@ def write_llava_qwen(out_dir, vlm, tokenizer_path, tower: bool = True) -> str:
     if tower:
         os.remove(os.path.join(vdir, "model.safetensors"))
     M.write_json(os.path.join(out_dir, "config.json"), {
-        **W.hf_qwen_config(c.llm), "model_type": "llava_qwen", "architectures": ["LlavaQwenForCausalLM"],
+        **W.hf_configs(c)[1], "model_type": "llava_qwen", "architectures": ["LlavaQwenForCausalLM"],
         "mm_vision_tower": os.path.abspath(vdir), "mm_projector_type": "aapool_mlp",
         "mm_num_image_tokens": c.image_tokens, "mm_hidden_size": c.vision.hidden_size,
         "mm_vision_select_layer": c.feature_layer, "mm_vision_select_feature": "patch", "mm_patch_merge_type": "flat",

@@ -6,9 +6,8 @@ import os
 import numpy as np
 import pytest
 import torch
-from checkpoints import (qwen_like_tokenizer, random_vlm, write_hf_qwen, write_hf_vision, write_llava_qwen,
-                         write_prismatic)
 
+import checkpoints as C
 import model as M
 import weights as W
 
@@ -39,7 +38,7 @@ def same_model(a, b):
 
 @pytest.fixture
 def tok_path(tmp_path):
-    return qwen_like_tokenizer(tmp_path / "tokenizer.json")
+    return C.qwen_like_tokenizer(tmp_path / "tokenizer.json")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -47,7 +46,7 @@ def tok_path(tmp_path):
 
 
 def test_own_format_records_feature_layer_and_old_configs_load_as_minus_2(tmp_path):
-    net = random_vlm(tiny_config(feature_layer=-1), seed=1)
+    net = C.random_vlm(tiny_config(feature_layer=-1), seed=1)
     net.save_pretrained(str(tmp_path / "own"))
     with open(tmp_path / "own" / "config.json") as f:
         c = json.load(f)
@@ -65,10 +64,10 @@ def test_prismatic_layout_gives_the_same_model(tmp_path, tok_path, tie, image_to
     """A VLM written as a released run dir (official key names, the tied head stored twice, vision and LLM as
     separate HF dirs) loads back bit-identically, with the registry's exact GELU although the HF SigLIP config says
     tanh, the token count from the arch specifier, and the LLM's tokenizer."""
-    net = random_vlm(tiny_config(image_tokens, act="gelu", tie=tie), seed=2)
-    run = write_prismatic(str(tmp_path / "run"), net)
-    vision = write_hf_vision(str(tmp_path / "siglip"), net, act="gelu_pytorch_tanh")
-    llm = write_hf_qwen(str(tmp_path / "qwen"), net, tok_path)
+    net = C.random_vlm(tiny_config(image_tokens, act="gelu", tie=tie), seed=2)
+    run = C.write_prismatic(str(tmp_path / "run"), net)
+    vision = C.write_hf_vision(str(tmp_path / "siglip"), net, act="gelu_pytorch_tanh")
+    llm = C.write_hf_qwen(str(tmp_path / "qwen"), net, tok_path)
     got = W.load_vlm(run, vision=vision, llm=llm)
     same_model(net, got)
     assert got.tokenizer_path == os.path.join(llm, "tokenizer.json") and got.chat_style == "release"
@@ -82,8 +81,8 @@ def test_prismatic_layout_gives_the_same_model(tmp_path, tok_path, tie, image_to
 def test_llava_qwen_layout_gives_the_same_model(tmp_path, tok_path, tower):
     """The MLM-Filter judge: last-block features and tanh GELU, 144-style pooled tokens, tower weights in the
     checkpoint or from mm_vision_tower."""
-    net = random_vlm(tiny_config(4, act="gelu_tanh", tie=True, feature_layer=-1), seed=3)
-    d = write_llava_qwen(str(tmp_path / "judge"), net, tok_path, tower=tower)
+    net = C.random_vlm(tiny_config(4, act="gelu_tanh", tie=True, feature_layer=-1), seed=3)
+    d = C.write_llava_qwen(str(tmp_path / "judge"), net, tok_path, tower=tower)
     got = W.load_vlm(d)
     same_model(net, got)
     assert (got.config.feature_layer, got.config.vision.act) == (-1, "gelu_tanh")
@@ -96,8 +95,8 @@ def test_llava_qwen_layout_gives_the_same_model(tmp_path, tok_path, tower):
 
 
 def test_llava_qwen_untied_head(tmp_path, tok_path):
-    net = random_vlm(tiny_config(4, act="gelu_tanh", tie=False, feature_layer=-1), seed=4)
-    same_model(net, W.load_vlm(write_llava_qwen(str(tmp_path / "judge"), net, tok_path)))
+    net = C.random_vlm(tiny_config(4, act="gelu_tanh", tie=False, feature_layer=-1), seed=4)
+    same_model(net, W.load_vlm(C.write_llava_qwen(str(tmp_path / "judge"), net, tok_path)))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -105,10 +104,10 @@ def test_llava_qwen_untied_head(tmp_path, tok_path):
 
 
 def test_bad_inputs_name_the_file(tmp_path, tok_path):
-    net = random_vlm(tiny_config(4), seed=5)
-    run = write_prismatic(str(tmp_path / "run"), net)
-    vision = write_hf_vision(str(tmp_path / "siglip"), net)
-    llm = write_hf_qwen(str(tmp_path / "qwen"), net, tok_path)
+    net = C.random_vlm(tiny_config(4), seed=5)
+    run = C.write_prismatic(str(tmp_path / "run"), net)
+    vision = C.write_hf_vision(str(tmp_path / "siglip"), net)
+    llm = C.write_hf_qwen(str(tmp_path / "qwen"), net, tok_path)
     pt = os.path.join(run, "checkpoints", "latest-checkpoint.pt")
     data = open(pt, "rb").read()
     open(pt, "wb").write(data[: len(data) // 2])
@@ -120,12 +119,11 @@ def test_bad_inputs_name_the_file(tmp_path, tok_path):
     with pytest.raises(ValueError, match="latest-checkpoint.pt"):
         W.load_vlm(run, vision=vision, llm=llm)
 
-    bad = write_prismatic(str(tmp_path / "unknown"), net, vision_id="clip-vit-l-336px")
+    bad = C.write_prismatic(str(tmp_path / "unknown"), net, vision_id="clip-vit-l-336px")
     with pytest.raises(ValueError, match=r"config\.json.*'clip-vit-l-336px'"):
         W.load_vlm(bad, llm=llm)
 
-    export = W.export_hf(write_prismatic(str(tmp_path / "run2"), net), str(tmp_path / "hf"), full_res=True,
-                         vision=vision, llm=llm)
+    export = W.export_hf(own_checkpoint(tmp_path, net), str(tmp_path / "hf"), full_res=True)
     with open(os.path.join(export, "config.json")) as f:
         c = json.load(f)
     c["vision_config"]["model_type"] = "clip_vision_model"  # a LLaVA-1.5 style CLIP tower
@@ -149,7 +147,7 @@ def transformers_or_skip():
 def own_checkpoint(tmp_path, net, chat_style=None):
     d = str(tmp_path / "own")
     net.save_pretrained(d)
-    qwen_like_tokenizer(os.path.join(d, "tokenizer.json"))
+    C.qwen_like_tokenizer(os.path.join(d, "tokenizer.json"))
     if chat_style:  # as sft.py records it
         with open(os.path.join(d, "config.json")) as f:
             M.write_json(os.path.join(d, "config.json"), {**json.load(f), "chat_style": chat_style})
@@ -167,7 +165,7 @@ def test_export_parity_with_transformers(tmp_path):
     generation; importing the export back gives bit-identical weights."""
     transformers = transformers_or_skip()
     from PIL import Image
-    net = random_vlm(tiny_config(16, act="gelu", tie=True), seed=6)
+    net = C.random_vlm(tiny_config(16, act="gelu", tie=True), seed=6)
     out = W.export_hf(own_checkpoint(tmp_path, net), str(tmp_path / "hf"))
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "preprocessor_config.json",
             "processor_config.json", "generation_config.json", "chat_template.jinja"} <= set(os.listdir(out))
@@ -206,7 +204,7 @@ def test_export_parity_with_transformers(tmp_path):
 @pytest.mark.parametrize("style", ["qwen2", "release"])
 def test_exported_chat_template_is_our_chat_format(tmp_path, style):
     transformers = transformers_or_skip()
-    net = random_vlm(tiny_config(16), seed=7)
+    net = C.random_vlm(tiny_config(16), seed=7)
     out = W.export_hf(own_checkpoint(tmp_path, net, chat_style=style), str(tmp_path / "hf"))
     hf_tok = transformers.AutoTokenizer.from_pretrained(out)
     tok = M.Tokenizer(os.path.join(out, "tokenizer.json"))
@@ -222,7 +220,7 @@ def test_exported_chat_template_is_our_chat_format(tmp_path, style):
 
 def test_export_shards_past_the_limit_with_an_index(tmp_path):
     transformers = transformers_or_skip()
-    net = random_vlm(tiny_config(16, tie=False), seed=8)
+    net = C.random_vlm(tiny_config(16, tie=False), seed=8)
     out = W.export_hf(own_checkpoint(tmp_path, net), str(tmp_path / "hf"), shard_bytes=100_000)
     with open(os.path.join(out, "model.safetensors.index.json")) as f:
         index = json.load(f)
@@ -235,7 +233,7 @@ def test_export_shards_past_the_limit_with_an_index(tmp_path):
 
 
 def test_export_refuses_a_pooled_checkpoint_unless_full_res(tmp_path, capsys):
-    net = random_vlm(tiny_config(4), seed=9)
+    net = C.random_vlm(tiny_config(4), seed=9)
     src = own_checkpoint(tmp_path, net)
     with pytest.raises(ValueError, match="--full-res"):
         W.export_hf(src, str(tmp_path / "hf"))
