@@ -29,9 +29,6 @@ def _act(name: str) -> str:
     return table[name]
 
 
-HF_ACT = {"gelu_tanh": "gelu_pytorch_tanh", "gelu": "gelu"}  # ours -> transformers' name, for writing configs
-
-
 def _siglip_fields(d: dict) -> dict:  # both SigLIP towers have them
     return dict(hidden_size=d.get("hidden_size", 768), intermediate_size=d.get("intermediate_size", 3072),
                 num_layers=d.get("num_hidden_layers", 12), num_heads=d.get("num_attention_heads", 12),
@@ -132,8 +129,7 @@ def resolve(src: str, patterns=("config.json", "*.safetensors", "*.safetensors.i
 
 
 def read_config(d: str) -> dict:
-    path = os.path.join(d, "config.json")
-    if not os.path.isfile(path):
+    if not os.path.isfile(path := os.path.join(d, "config.json")):
         raise FileNotFoundError(f"{d}: no config.json")
     with open(path) as f:
         return json.load(f)
@@ -166,8 +162,7 @@ def load_into(model: nn.Module, tensors, key_map, dtype=None) -> nn.Module:
     """Fill `model` (on the meta device) from (file, name, tensor) triples. Every checkpoint tensor must map to a
     parameter with the right shape, and every parameter must be filled: anything else is an error naming it."""
     params = dict(model.named_parameters())
-    parts: dict[str, dict] = {}
-    seen = set()
+    parts, seen = {}, set()  # parts: our fused name -> the pieces read so far
     for path, name, t in tensors:
         seen.add(path)
         m = key_map(name)
@@ -212,8 +207,7 @@ def load_qwen(src: str, dtype=None) -> Qwen2:
     cfg = qwen_config(read_config(d))
     with torch.device("meta"):
         model = Qwen2(cfg)
-    rules = _llm_rules(cfg)
-    return load_into(model, read_tensors(d), _mapper(("model.", rules, ""), ("", rules, "")), dtype)
+    return load_into(model, read_tensors(d), _mapper(("model.", _llm_rules(cfg), ""), ("", _llm_rules(cfg), "")), dtype)
 
 
 def load_vision(src: str, config: VisionConfig | None = None, act: str | None = None, dtype=None) -> SiglipVision:
@@ -258,8 +252,7 @@ PROJ_KEYS = [(r"(?:mlp_projector\.0|linear_1)\.(weight|bias)", r"fc1.\1"),  # of
 
 
 def load_official(ckpt: str, vision: str, llm: str, image_tokens: int = 144, dtype=None, act: str | None = None) -> VLM:
-    """The official `latest-checkpoint.pt`, {"model": {"projector": {mlp_projector.0/2.*}, "llm_backbone": {llm.*}}}
-    in fp32 (§8.10); vision weights from `vision`, the LLM config from `llm`. weights_only: no code in it ever runs."""
+    """The official .pt, {"model": {"projector", "llm_backbone"}} (§8.10), vision from `vision`; weights_only."""
     try:
         sd = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)["model"]
         tensors = [(ckpt, k, t) for part in ("projector", "llm_backbone") for k, t in sd[part].items()]
@@ -271,8 +264,7 @@ def load_official(ckpt: str, vision: str, llm: str, image_tokens: int = 144, dty
     with torch.device("meta"):
         model = VLM(VLMConfig(v.config, c, image_tokens))
     model.vision = v
-    rules = _llm_rules(c)
-    key_map = _mapper(("", PROJ_KEYS, "projector."), ("llm.model.", rules, "llm."), ("llm.", rules, "llm."))
+    key_map = _mapper(("", PROJ_KEYS, "projector."), *[(p, _llm_rules(c), "llm.") for p in ("llm.model.", "llm.")])
     return load_into(model, tensors, key_map, dtype)
 
 
@@ -281,20 +273,14 @@ def load_official(ckpt: str, vision: str, llm: str, image_tokens: int = 144, dty
 
 REGISTRY = {"siglip-vit-so400m-384px": ("google/siglip-so400m-patch14-384", "gelu"),  # backbone id -> (hub id,
             "qwen2.5-1.5b-instruct": ("Qwen/Qwen2.5-1.5B-Instruct", None)}  # the activation it ran: timm's is exact)
-LLM_FILES = ("config.json", "*.safetensors", "*.safetensors.index.json", "tokenizer.json")
 
 
 def _tokenizer(d: str | None) -> str | None:
     return os.path.join(d, "tokenizer.json") if d and os.path.isfile(os.path.join(d, "tokenizer.json")) else None
 
 
-def _load_own(d, c, vision, llm, dtype, image_tokens):
-    return M.load_vlm(d, dtype, image_tokens), _tokenizer(d), c.get("chat_style", "qwen2")
-
-
 def _load_prismatic(d, c, vision, llm, dtype, image_tokens):
-    """A released Open-Qwen2VL run dir: config.json names the backbones by registry id; projector and LLM weights
-    are in checkpoints/latest-checkpoint.pt."""
+    """A released Open-Qwen2VL run dir: backbones named by registry id, weights in checkpoints/latest-checkpoint.pt."""
     m, cfg = c["model"], os.path.join(d, "config.json")
     for key, override in (("vision_backbone_id", vision), ("llm_backbone_id", llm)):
         if override is None and m[key] not in REGISTRY:
@@ -304,34 +290,30 @@ def _load_prismatic(d, c, vision, llm, dtype, image_tokens):
         raise ValueError(f"{cfg}: unsupported arch_specifier {m['arch_specifier']!r} or image_resize_strategy "
                          f"{m.get('image_resize_strategy')!r} (avgpool projectors and resize-naive are implemented)")
     v_hub, act = REGISTRY.get(m["vision_backbone_id"], (None, None))
-    llm_dir = resolve(llm or REGISTRY[m["llm_backbone_id"]][0], LLM_FILES)
+    llm_dir = resolve(llm or REGISTRY[m["llm_backbone_id"]][0], ("*.json", "*.safetensors"))
     model = load_official(os.path.join(d, "checkpoints", "latest-checkpoint.pt"), vision or v_hub, llm_dir,
                           image_tokens or int(arch[1] or 144), dtype, act)
     return model, _tokenizer(llm_dir), "release"  # the chat format the released checkpoints most likely saw (§1.8)
 
 
-LLAVA_ONLY = {"vision_config": "siglip_vision_model", "text_config": "qwen2", "projector_hidden_act": "gelu",
-              "vision_feature_select_strategy": "full", "multimodal_projector_bias": True}  # what _load_llava reads
-
-
 def _load_llava(d, c, vision, llm, dtype, image_tokens):
-    """transformers' LlavaForConditionalGeneration (model_type llava: a SigLIP tower, Qwen2, Linear-GELU-Linear on
-    every patch, e.g. our export; v4 or v5 key names), or the MLM-Filter judge (llava_qwen, §3.2: Qwen2 at `model.*`,
-    the avg-pool MLP at `model.mm_projector.mlp_projector.{0,2}`, block `mm_vision_select_layer` (-1: the last) of
-    an HF SigLIP (tanh GELU) whose weights are in the checkpoint or at `mm_vision_tower`, with its config)."""
+    """transformers' LLaVA (a SigLIP tower, Qwen2, Linear-GELU-Linear on every patch: our export; v4 or v5 names),
+    or the MLM-Filter judge (llava_qwen, §3.2: Qwen2 at `model.*`, the pooling MLP at `model.mm_projector.*`, block
+    `mm_vision_select_layer` of an HF SigLIP, tanh GELU, weights in the checkpoint or at `mm_vision_tower`)."""
     judge = c["model_type"] == "llava_qwen"
-    if judge and c.get("mm_projector_type") != "aapool_mlp":
-        raise ValueError(f"{d}/config.json: mm_projector_type {c.get('mm_projector_type')!r}: only MLM-Filter's "
-                         "'aapool_mlp' (average pooling + 2-layer MLP) is implemented")
+    cc = {"projector_hidden_act": "gelu", "multimodal_projector_bias": True, "vision_feature_layer": -2, **c}
+    want = {"mm_projector_type": "aapool_mlp"} if judge else {  # MLM-Filter's avg pooling + MLP; or what we export
+        "vision_config": "siglip_vision_model", "text_config": "qwen2", "projector_hidden_act": "gelu",
+        "vision_feature_select_strategy": "full", "multimodal_projector_bias": True}
+    found = {k: (cc.get(k) or {}).get("model_type") if k.endswith("_config") else cc.get(k) for k in want}
+    if found != want or not isinstance(cc["vision_feature_layer"], int):
+        raise ValueError(f"{d}/config.json: a LLaVA variant this does not implement: found {found}, vision_feature_"
+                         f"layer {cc['vision_feature_layer']!r}; implemented: {want}, one int feature layer")
     if judge:
         v = read_config(resolve(v_src := vision or c["mm_vision_tower"], ("config.json",)))
-        v, t, tokens, layer = v.get("vision_config", v), c, c.get("mm_num_image_tokens"), c["mm_vision_select_layer"]
+        v, t, tokens, layer = v.get("vision_config", v), c, c.get("mm_num_image_tokens", 144), c.get(
+            "mm_vision_select_layer", -1)  # LLaVA's defaults
     else:
-        cc = {"projector_hidden_act": "gelu", "multimodal_projector_bias": True, "vision_feature_layer": -2, **c}
-        found = {k: (cc.get(k) or {}).get("model_type") if k.endswith("_config") else cc.get(k) for k in LLAVA_ONLY}
-        if found != LLAVA_ONLY or not isinstance(cc["vision_feature_layer"], int):
-            raise ValueError(f"{d}/config.json: a LLaVA variant this does not implement: found {found}, vision_"
-                             f"feature_layer {cc['vision_feature_layer']!r}; implemented: {LLAVA_ONLY}, one int layer")
         v, t, tokens, layer = c["vision_config"], c["text_config"], None, cc["vision_feature_layer"]
     vc = dataclasses.replace(vision_config(v), use_head=False)
     cfg = VLMConfig(vc, qwen_config(t), image_tokens or tokens or (vc.image_size // vc.patch_size) ** 2, layer)
@@ -347,53 +329,47 @@ def _load_llava(d, c, vision, llm, dtype, image_tokens):
                       *_vision_tables(towers, "vision.", False), *[(p, rules, "llm.") for p in (
                           "model.language_model.", "language_model.model.", "language_model.", "model.", "")])
     tok = _tokenizer(d) or _tokenizer(resolve(llm or REGISTRY["qwen2.5-1.5b-instruct"][0], ("tokenizer.json",)))
-    return load_into(model, read_tensors(d), key_map, dtype), tok, c.get("chat_style", "qwen_instruct" if judge else
-                                                                         "qwen2")
+    style = c.get("chat_style", "qwen_instruct" if judge else "qwen2")
+    return load_into(model, read_tensors(d), key_map, dtype), tok, style
 
 
-LOADERS = {  # kind -> (loader, the files a hub snapshot needs)
-    "open-qwen2vl": (_load_own, ("config.json", "*.safetensors", "tokenizer.json")),
-    "prismatic": (_load_prismatic, ("config.json", "checkpoints/latest-checkpoint.pt")),
-    "llava_qwen": (_load_llava, ("config.json", "*.safetensors", "*.safetensors.index.json", "tokenizer.json")),
-    "llava": (_load_llava, ("*.json", "*.safetensors")),
-}
+LOADERS = {"prismatic": _load_prismatic, "llava_qwen": _load_llava, "llava": _load_llava,  # kind -> loader
+           "open-qwen2vl": lambda d, c, vision, llm, dtype, n: (M.load_vlm(d, dtype, n), _tokenizer(d),
+                                                                 c.get("chat_style", "qwen2"))}
 
 
 def load_vlm(src: str, vision: str | None = None, llm: str | None = None, dtype=None,
              image_tokens: int | None = None) -> VLM:
-    """Any VLM checkpoint (local dir or hub id), recognised by its config.json: ours, a released prismatic run dir,
-    the MLM-Filter judge, a transformers LLaVA dir. `vision`/`llm`: where backbones a checkpoint lacks come from
-    (default: the hub ids it names). Sets `tokenizer_path` (the checkpoint's tokenizer.json, else its LLM's:
+    """Any VLM checkpoint (local dir or hub id), recognised by its config.json. `vision`/`llm`: where backbones it
+    lacks come from (default: the hub ids it names). Sets `tokenizer_path` (its tokenizer.json, else its LLM's;
     model.Tokenizer adds the paper's tokens) and `chat_style` (the chat format the model was tuned with)."""
-    d = resolve(src, ("config.json",))
-    c = read_config(d)
+    c = read_config(d := resolve(src, ("config.json",)))
     kind = "prismatic" if "vision_backbone_id" in (c.get("model") or {}) else c.get("model_type")
     if kind not in LOADERS:
         raise ValueError(f"{d}/config.json: not a VLM layout this loads (model_type={kind!r}; known: {list(LOADERS)})")
-    loader, files = LOADERS[kind]
-    model, model.tokenizer_path, model.chat_style = loader(resolve(src, files), c, vision, llm, dtype, image_tokens)
+    d = resolve(src, ("*.json", "*.safetensors", "checkpoints/latest-checkpoint.pt"))  # a hub snapshot: what we read
+    model, model.tokenizer_path, model.chat_style = LOADERS[kind](d, c, vision, llm, dtype, image_tokens)
     return model
 
 
 # -----------------------------------------------------------------------------------------------------------------
-# Export: an SFT'd Open-Qwen2VL *is* a transformers LLaVA (SigLIP features of one block without the final LayerNorm,
-# Linear-GELU-Linear, Qwen2), written in the classic llava-hf layout every tool reads (transformers v4 and v5, vLLM).
+# Export: an SFT'd Open-Qwen2VL *is* a transformers LLaVA (SigLIP block features, Linear-GELU-Linear, Qwen2), written
+# in the classic llava-hf layout every tool reads (transformers v4 and v5, vLLM).
 
+_HV, _HL = "vision_tower.vision_model.", "language_model.model."
 HF_NAMES = {  # our prefix -> transformers' (llava-hf) prefix; inside blocks/layers the leaf names map by HF_LEAVES
-    "vision.blocks.": "vision_tower.vision_model.encoder.layers.", "llm.layers.": "language_model.model.layers.",
-    "vision.patch_embed.": "vision_tower.vision_model.embeddings.patch_embedding.",
-    "vision.pos_embed": "vision_tower.vision_model.embeddings.position_embedding.weight",
-    "vision.post_norm.": "vision_tower.vision_model.post_layernorm.", "llm.lm_head.": "language_model.lm_head.",
-    "llm.embed_tokens.": "language_model.model.embed_tokens.", "llm.norm.": "language_model.model.norm.",
-    "projector.fc1.": "multi_modal_projector.linear_1.", "projector.fc2.": "multi_modal_projector.linear_2."}
+    "vision.blocks.": _HV + "encoder.layers.", "vision.patch_embed.": _HV + "embeddings.patch_embedding.",
+    "vision.pos_embed": _HV + "embeddings.position_embedding.weight", "vision.post_norm.": _HV + "post_layernorm.",
+    "llm.layers.": _HL + "layers.", "llm.embed_tokens.": _HL + "embed_tokens.", "llm.norm.": _HL + "norm.",
+    "llm.lm_head.": "language_model.lm_head.", "projector.fc1.": "multi_modal_projector.linear_1.",
+    "projector.fc2.": "multi_modal_projector.linear_2."}
 HF_LEAVES = {"norm1": "layer_norm1", "norm2": "layer_norm2", "proj": "self_attn.out_proj", "fc1": "mlp.fc1",
              "fc2": "mlp.fc2", "qkv": "self_attn.{}_proj", "gate_up": "mlp.{}_proj", "o_proj": "self_attn.o_proj",
              "down": "mlp.down_proj", "attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm"}
 
 
 def hf_tensors(model: VLM):
-    """(transformers name, tensor) for every tensor of `model` but SigLIP's pooling head, which LLaVA never uses;
-    fused tensors are split: Qwen's q/k/v by head counts (GQA), SigLIP's q/k/v and gate/up evenly."""
+    """(transformers name, tensor) for all but SigLIP's pooling head (unused by LLaVA), fused tensors split."""
     q = model.config.llm
     qkv = [q.num_heads * q.head_dim] + [q.num_kv_heads * q.head_dim] * 2
     for name, t in model.state_dict().items():
@@ -410,14 +386,15 @@ def hf_tensors(model: VLM):
 
 def hf_configs(c: VLMConfig) -> tuple[dict, dict]:
     """transformers' SigLIP vision and Qwen2 config dicts of `c` (rope_theta for v4, rope_parameters for v5)."""
-    v, q = c.vision, c.llm
+    v, q, act = c.vision, c.llm, {"gelu_tanh": "gelu_pytorch_tanh"}.get(c.vision.act, c.vision.act)
     return (dict(model_type="siglip_vision_model", hidden_size=v.hidden_size, intermediate_size=v.intermediate_size,
                  num_hidden_layers=v.num_layers, num_attention_heads=v.num_heads, image_size=v.image_size,
-                 patch_size=v.patch_size, layer_norm_eps=v.eps, hidden_act=HF_ACT[v.act], vision_use_head=False),
+                 patch_size=v.patch_size, layer_norm_eps=v.eps, hidden_act=act, vision_use_head=False),
             dict(model_type="qwen2", vocab_size=q.vocab_size, hidden_size=q.hidden_size, head_dim=q.head_dim,
                  intermediate_size=q.intermediate_size, num_hidden_layers=q.num_layers, num_attention_heads=q.num_heads,
                  num_key_value_heads=q.num_kv_heads, rope_theta=q.rope_theta, rms_norm_eps=q.eps,
-                 rope_parameters={"rope_type": "default", "rope_theta": q.rope_theta}, tie_word_embeddings=q.tie_embeddings))
+                 rope_parameters={"rope_type": "default", "rope_theta": q.rope_theta},
+                 tie_word_embeddings=q.tie_embeddings))
 
 
 def write_safetensors(out_dir: str, tensors, shard_bytes: int = 5_000_000_000):
@@ -434,32 +411,33 @@ def write_safetensors(out_dir: str, tensors, shard_bytes: int = 5_000_000_000):
         save_file(shard, os.path.join(out_dir, name + ".tmp"), metadata={"format": "pt"})
         os.replace(os.path.join(out_dir, name + ".tmp"), os.path.join(out_dir, name))
     if n > 1:
-        M.write_json(os.path.join(out_dir, "model.safetensors.index.json"), {"metadata": {"total_size": sum(
-            t.nbytes for s in shards for t in s.values())}, "weight_map": {k: f for f, s in zip(names, shards) for k in s}})
+        index = {"metadata": {"total_size": sum(t.nbytes for s in shards for t in s.values())},
+                 "weight_map": {k: f for f, s in zip(names, shards) for k in s}}
+        M.write_json(os.path.join(out_dir, "model.safetensors.index.json"), index)
 
 
 # The chat formats of model.chat_tokens (and MLM-Filter's qwen_instruct) as Jinja chat templates. Content is a string
 # or a list of {"type": "image"} / {"type": "text", "text"} parts; processors expand each <image> to its tokens.
-_CONTENT = ("{% macro content(m) %}{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for p in m['content']"
-            " %}{{ '<image>' if p['type'] == 'image' else p.get('text', '') }}{% endfor %}{% endif %}{% endmacro %}"
-            "{% set system = messages[0]['content'] if messages[0]['role'] == 'system' else '" + M.SYSTEM_PROMPT + "' %}")
-_TURNS, _GEN = "{% for m in messages if m['role'] != 'system' %}", "{{ '<|im_start|>assistant\n' if add_generation_prompt }}"
+_CONTENT = ("{% macro content(m) %}{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for p in m["
+            "'content'] %}{{ '<image>' if p['type'] == 'image' else p.get('text', '') }}{% endfor %}{% endif %}"
+            "{% endmacro %}{% set system = messages[0]['content'] if messages[0]['role'] == 'system' else 'SYSTEM' %}")
+_TURNS = "{% for m in messages if m['role'] != 'system' %}"
+_GEN = "{{ '<|im_start|>assistant\n' if add_generation_prompt }}"
 CHAT_TEMPLATES = {
-    "qwen2": _CONTENT + "<s><|im_start|>system\n{{ system }}<|im_end|>\n" + _TURNS + "<|im_start|>{{ m['role'] }}\n"
-    "{{ content(m) | trim }}<|im_end|>\n{% endfor %}" + _GEN,
-    "release": _CONTENT + "{% set ns = namespace(image=false) %}{% for m in messages %}{% set ns.image = ns.image or "
-    "'<image>' in content(m) %}{% endfor %}{{ '<image>\n' if ns.image }}<s><|im_start|>system\n{{ system }}<|im_end|>"
-    "\n" + _TURNS + "{% set text = content(m) | replace('<image>', '') | trim %}{% if m['role'] == 'user' %}<|im_start|>"
-    "user\n{{ '\n' if '<image>' in content(m) }}{{ text }}<|im_end|>assistant{% else %}{{ text }}<|im_end|>\n{% endif %}"
-    "{% endfor %}",
-    "qwen_instruct": _CONTENT.replace(M.SYSTEM_PROMPT, M.SYSTEM_PROMPT[:-1]) + "<|im_start|>system\n{{ system }}"
-    "<|im_end|>" + _TURNS + "<|im_start|>{{ m['role'] }}\n{{ content(m) }}<|im_end|>{% endfor %}" + _GEN,
+    "qwen2": _CONTENT.replace("SYSTEM", M.SYSTEM_PROMPT) + "<s><|im_start|>system\n{{ system }}<|im_end|>\n" + _TURNS
+    + "<|im_start|>{{ m['role'] }}\n{{ content(m) | trim }}<|im_end|>\n{% endfor %}" + _GEN,
+    "release": _CONTENT.replace("SYSTEM", M.SYSTEM_PROMPT) + "{% set ns = namespace(image=false) %}{% for m in messages"
+    " %}{% set ns.image = ns.image or '<image>' in content(m) %}{% endfor %}{{ '<image>\n' if ns.image }}<s>"
+    "<|im_start|>system\n{{ system }}<|im_end|>\n" + _TURNS + "{% set text = content(m) | replace('<image>', '') | trim"
+    " %}{% if m['role'] == 'user' %}<|im_start|>user\n{{ '\n' if '<image>' in content(m) }}{{ text }}<|im_end|>"
+    "assistant{% else %}{{ text }}<|im_end|>\n{% endif %}{% endfor %}",
+    "qwen_instruct": _CONTENT.replace("SYSTEM", M.SYSTEM_PROMPT[:-1]) + "<|im_start|>system\n{{ system }}<|im_end|>"
+    + _TURNS + "<|im_start|>{{ m['role'] }}\n{{ content(m) }}<|im_end|>{% endfor %}" + _GEN,  # no period, no newlines
 }
 
 
 def export_hf(src: str, out_dir: str, full_res: bool = False, dtype=None, shard_bytes: int = 5_000_000_000) -> str:
-    """Any checkpoint load_vlm takes -> a transformers LLaVA dir. A pooled checkpoint (144 tokens: a pre-trained
-    base) has no transformers equivalent: refused unless `full_res`, which exports it on all patches."""
+    """Any checkpoint load_vlm takes -> a transformers LLaVA dir; a pooled one (a 144-token base) only `full_res`."""
     import tokenizers
     model = load_vlm(src, dtype=dtype)
     c, grid = model.config, (model.config.vision.image_size // model.config.vision.patch_size) ** 2

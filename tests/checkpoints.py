@@ -111,7 +111,7 @@ def write_llava_qwen(out_dir, vlm, tokenizer_path, tower: bool = True) -> str:
     dir (OUT/vision_tower) holding its config, and its weights when tower=False."""
     c = vlm.config
     os.makedirs(out_dir, exist_ok=True)
-    vdir = write_hf_vision(os.path.join(out_dir, "vision_tower"), vlm, W.HF_ACT[c.vision.act])
+    vdir = write_hf_vision(os.path.join(out_dir, "vision_tower"), vlm, W.hf_configs(c)[0]["hidden_act"])
     if tower:
         os.remove(os.path.join(vdir, "model.safetensors"))
     M.write_json(os.path.join(out_dir, "config.json"), {
