@@ -63,15 +63,13 @@ def parse_config(cls, argv=None, presets: dict | None = None):
 
 
 class Tokenizer:
-    """Qwen2.5's byte-level BPE from a tokenizer.json, plus the paper's `<|endofchunk|>` (new: id 151665) and `<s>`
-    (the BOS: already a BPE token of Qwen2.5, id 128245, now marked special). Text is always encoded as plain text:
-    a caption holding "<|im_end|>" or "<tool_call>" never becomes that token; special ids are placed by the formats."""
+    """Qwen2.5's BPE (tokenizer.json) plus the paper's `<|endofchunk|>` (new: 151665) and `<s>` (the BOS: Qwen2.5's BPE
+    token 128245, marked special). Text is plain text: "<|im_end|>" or "<tool_call>" in a caption stays text."""
 
     ADDED = ["<|endofchunk|>", "<s>"]
 
     def __init__(self, path: str):
         import tokenizers
-
         path = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no tokenizer.json at {path}")
@@ -99,8 +97,7 @@ class Tokenizer:
         return self.tok.decode(ids, skip_special_tokens=False)
 
     def encode_with_images(self, text: str) -> list[int]:
-        """Each literal "<image>" -> one IMAGE_ID, the chunks between tokenized separately, as the official
-        `tokenizer_image_token` does (minus its token-dropping quirk, §1.6)."""
+        """Each "<image>" -> one IMAGE_ID, chunks tokenized apart: tokenizer_image_token without its quirk (§1.6)."""
         first, *rest = [self.encode(chunk) for chunk in text.split("<image>")]
         return first + [i for chunk in rest for i in (IMAGE_ID, *chunk)]
 
@@ -111,8 +108,7 @@ def caption_tokens(tok: Tokenizer, caption: str) -> list[int]:
 
 
 def interleaved_tokens(tok: Tokenizer, items: list[str | None]) -> list[int]:
-    """Interleaved document (OBELICS-style, §2): None is an image, rendered `[image] "\\n"`; every text chunk is
-    followed by `<|endofchunk|>`. Wrapped in `<s> ... <|im_end|>` like a caption."""
+    """Interleaved doc (§2): None is an image (`[image] "\\n"`), text chunks end in <|endofchunk|>, in <s> ... EOS."""
     out = [tok.bos_id]
     for item in items:
         out += [IMAGE_ID] + tok.encode("\n") if item is None else tok.encode(item) + [tok.eoc_id]
@@ -176,8 +172,7 @@ def load_image(src, name: str = "<bytes>") -> Image.Image:
     convert_to_rgb), 16-bit scaled to 8 bits, other modes converted; decompression bombs raise, never allocate."""
     name = str(src) if isinstance(src, (str, os.PathLike)) else name
     src = io.BytesIO(src) if isinstance(src, (bytes, bytearray, memoryview)) else src
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
+    with warnings.catch_warnings(action="error", category=Image.DecompressionBombWarning):
         try:
             img = Image.open(src)
             if img.width * img.height > MAX_IMAGE_PIXELS:
@@ -196,10 +191,8 @@ def load_image(src, name: str = "<bytes>") -> Image.Image:
 
 
 def image_to_uint8(img: Image.Image, size: int) -> torch.Tensor:
-    """Bicubic squash (no aspect preservation, antialiased by PIL, as torchvision's Resize on PIL input) -> uint8
-    (3, size, size). Workers return uint8 (4x less to move); `normalize_pixels` finishes on the training device."""
-    img = img.resize((size, size), Image.Resampling.BICUBIC)
-    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
+    """Bicubic squash (antialiased by PIL, as torchvision's Resize) -> uint8 (3, size, size): 4x less to move."""
+    return torch.from_numpy(np.array(img.resize((size, size), Image.Resampling.BICUBIC), np.uint8)).permute(2, 0, 1)
 
 
 def normalize_pixels(x: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
@@ -274,12 +267,10 @@ class SiglipBlock(nn.Module):
         super().__init__()
         d = c.hidden_size
         self.heads, self.approximate = c.num_heads, "tanh" if c.act == "gelu_tanh" else "none"
-        self.norm1 = nn.LayerNorm(d, eps=c.eps)
+        self.norm1, self.norm2 = nn.LayerNorm(d, eps=c.eps), nn.LayerNorm(d, eps=c.eps)
         self.qkv = nn.Linear(d, 3 * d)  # fused q, k, v: one matmul instead of three
         self.proj = nn.Linear(d, d)
-        self.norm2 = nn.LayerNorm(d, eps=c.eps)
-        self.fc1 = nn.Linear(d, c.intermediate_size)
-        self.fc2 = nn.Linear(c.intermediate_size, d)
+        self.fc1, self.fc2 = nn.Linear(d, c.intermediate_size), nn.Linear(c.intermediate_size, d)
 
     def forward(self, x):
         q, k, v = split_heads(self.qkv(self.norm1(x)), 3 * self.heads).chunk(3, dim=1)
@@ -290,8 +281,7 @@ class SiglipBlock(nn.Module):
 
 
 class AttentionPoolHead(SiglipBlock):
-    """SigLIP's MAP head, a block whose query is one learned probe (and no pre-norm): the pooled image embedding
-    for image-text similarity. The VLM never uses it."""
+    """SigLIP's MAP head: a block, no pre-norm, whose one query is a learned probe. Unused by the VLM."""
 
     def __init__(self, c: VisionConfig):
         super().__init__(c)
@@ -299,27 +289,23 @@ class AttentionPoolHead(SiglipBlock):
         self.probe = nn.Parameter(torch.zeros(1, 1, c.hidden_size))
 
     def forward(self, x):
-        d = self.probe.shape[-1]
-        q = split_heads(F.linear(self.probe.expand(x.shape[0], 1, -1), self.qkv.weight[:d], self.qkv.bias[:d]),
-                        self.heads)
-        k, v = split_heads(F.linear(x, self.qkv.weight[d:], self.qkv.bias[d:]), 2 * self.heads).chunk(2, dim=1)
+        q = split_heads(self.qkv(self.probe.expand(x.shape[0], 1, -1)), 3 * self.heads).chunk(3, dim=1)[0]
+        _, k, v = split_heads(self.qkv(x), 3 * self.heads).chunk(3, dim=1)
         return self.mlp(self.proj(merge_heads(F.scaled_dot_product_attention(q, k, v))))[:, 0]
 
 
 class SiglipVision(nn.Module):
     def __init__(self, c: VisionConfig):
         super().__init__()
-        self.config = c
-        d = c.hidden_size
+        self.config, d = c, c.hidden_size
         self.patch_embed = nn.Conv2d(3, d, c.patch_size, c.patch_size)
         self.pos_embed = nn.Parameter(torch.zeros((c.image_size // c.patch_size) ** 2, d))
         self.blocks = nn.ModuleList(SiglipBlock(c) for _ in range(c.num_layers))
-        self.post_norm = nn.LayerNorm(d, eps=c.eps)
-        self.head = AttentionPoolHead(c) if c.use_head else None
+        self.post_norm, self.head = nn.LayerNorm(d, eps=c.eps), AttentionPoolHead(c) if c.use_head else None
 
     def forward(self, pixel_values, layer: int = -2, norm: bool = False):
-        """The output of block `layer` (HF hidden_states[layer]; later blocks are not computed), by default the VLM's
-        features (§1.1): the second-to-last block, no final LayerNorm. layer=-1, norm=True is HF's last_hidden_state."""
+        """Block `layer`'s output (HF hidden_states[layer]; later blocks skipped), no final LayerNorm: -2 is the VLM's
+        features (§1.1), -1 MLM-Filter's. layer=-1, norm=True is HF's last_hidden_state."""
         x = self.patch_embed(pixel_values.to(self.pos_embed.dtype)).flatten(2).transpose(1, 2) + self.pos_embed
         for block in self.blocks[: len(self.blocks) + 1 + layer]:
             x = block(x)
@@ -335,8 +321,7 @@ class SiglipText(nn.Module):
         self.token_embed = nn.Embedding(c.vocab_size, d)
         self.pos_embed = nn.Parameter(torch.zeros(c.max_positions, d))
         self.blocks = nn.ModuleList(SiglipBlock(c) for _ in range(c.num_layers))
-        self.final_norm = nn.LayerNorm(d, eps=c.eps)
-        self.head = nn.Linear(d, c.projection_size)
+        self.final_norm, self.head = nn.LayerNorm(d, eps=c.eps), nn.Linear(d, c.projection_size)
 
     def forward(self, input_ids):
         """Bidirectional, no padding mask (SigLIP is trained on max_length-padded text); pooled at the last token."""
@@ -351,10 +336,8 @@ class Siglip(nn.Module):
 
     def __init__(self, vision: VisionConfig, text: TextConfig):
         super().__init__()
-        self.vision = SiglipVision(vision)
-        self.text = SiglipText(text)
-        self.logit_scale = nn.Parameter(torch.zeros(1))
-        self.logit_bias = nn.Parameter(torch.zeros(1))
+        self.vision, self.text = SiglipVision(vision), SiglipText(text)
+        self.logit_scale, self.logit_bias = nn.Parameter(torch.zeros(1)), nn.Parameter(torch.zeros(1))
 
     def image_embeds(self, pixel_values):  # == transformers' get_image_features (pooled, not normalized)
         return self.vision.head(self.vision(pixel_values, layer=-1, norm=True))
@@ -374,12 +357,8 @@ class Siglip(nn.Module):
 
 
 def pool_matrix(n_in: int, n_out: int) -> torch.Tensor:
-    """adaptive_avg_pool2d over an n_in x n_in grid as one exact (n_out^2, n_in^2) matrix. Cell i averages rows
-    [floor(i*n_in/n_out), ceil((i+1)*n_in/n_out)): for 27 -> 12, 3-wide windows with starts 0,2,4,6,9,11,..."""
-    a = torch.zeros(n_out, n_in, dtype=torch.float64)
-    for i in range(n_out):
-        lo, hi = (i * n_in) // n_out, -((-(i + 1) * n_in) // n_out)
-        a[i, lo:hi] = 1.0 / (hi - lo)
+    """adaptive_avg_pool2d as one exact (n_out^2, n_in^2) matrix: 27 -> 12 averages 3-wide windows at 0,2,4,6,9,..."""
+    a = F.adaptive_avg_pool1d(torch.eye(n_in, dtype=torch.float64)[None], n_out)[0].T  # (n_out, n_in): 1D bins
     return torch.kron(a, a)
 
 
@@ -389,8 +368,7 @@ class Projector(nn.Module):
         self.grid, self.tokens = grid, tokens
         if math.isqrt(tokens) ** 2 != tokens or tokens > grid * grid:
             raise ValueError(f"image tokens must be a square <= {grid * grid}, got {tokens}")
-        self.fc1 = nn.Linear(vision_dim, llm_dim)
-        self.fc2 = nn.Linear(llm_dim, llm_dim)
+        self.fc1, self.fc2 = nn.Linear(vision_dim, llm_dim), nn.Linear(llm_dim, llm_dim)
 
     def forward(self, x):  # (N, grid^2, vision_dim) -> (N, tokens, llm_dim)
         if self.tokens != x.shape[1]:
@@ -599,11 +577,9 @@ class VLMConfig:
 
 
 def preset(name: str, vocab_size: int | None = None) -> VLMConfig:
-    """`paper`: SigLIP-so400m-patch14-384 (exact GELU, as the timm weights the official code ran) + Qwen2.5-1.5B.
-    `tiny`: the same architecture shrunk to train in minutes on a CPU over the toy world (64 px images)."""
+    """`paper`: SigLIP-so400m/14@384 (exact GELU like the official timm weights) + Qwen2.5-1.5B; `tiny`: CPU-sized."""
     if name == "paper":
-        llm = QwenConfig(vocab_size=vocab_size) if vocab_size else QwenConfig()
-        return VLMConfig(VisionConfig(act="gelu", use_head=False), llm, 144)
+        return VLMConfig(VisionConfig(act="gelu", use_head=False), QwenConfig(vocab_size or QwenConfig.vocab_size), 144)
     if name == "tiny":
         return VLMConfig(VisionConfig(64, 8, 96, 256, 3, 4, act="gelu", use_head=False),
                          QwenConfig(vocab_size or 4096, 128, 384, 4, 4, 2, 32, 1e4), 16)
@@ -755,26 +731,20 @@ class VLM(nn.Module):
 
 
 def save_vlm(out_dir: str, config: VLMConfig, state: dict):
-    """config.json + model.safetensors (our key names), each written to a temp name then renamed."""
-    from safetensors.torch import save_file
+    """config.json + model.safetensors (our names; past 5 GB sharded with an index), each written atomically."""
     os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, "model.safetensors")
-    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, path + ".tmp", metadata={"format": "pt"})
-    os.replace(path + ".tmp", path)
+    _weights().write_safetensors(out_dir, state.items())
     write_json(os.path.join(out_dir, "config.json"), {"model_type": "open-qwen2vl", **dataclasses.asdict(config)})
 
 
 def load_vlm(d: str, dtype=None, image_tokens: int | None = None) -> VLM:
-    """A local VLM saved by `save_vlm`, bit-identically (weights.load_vlm takes every other format and hub ids).
-    `image_tokens` switches the pooling (144 -> 729 for SFT, §1.4): the projector's weights do not depend on it."""
-    with open(os.path.join(d, "config.json")) as f:
-        c = json.load(f)
-    if c.get("model_type") != "open-qwen2vl":
+    """A VLM saved by save_vlm, bit-identically; `image_tokens` switches the pooling (144 -> 729 for SFT, §1.4)."""
+    w = _weights()  # tensor by tensor into `dtype`; a missing, unexpected or mis-shaped tensor is named with the file
+    if (c := w.read_config(d)).get("model_type") != "open-qwen2vl":
         raise ValueError(f"{d}: config.json is not an open-qwen2vl VLM (model_type={c.get('model_type')!r})")
     with torch.device("meta"):
         model = VLM(dataclasses.replace(VLMConfig.from_dict(c), image_tokens=image_tokens or c["image_tokens"]))
-    w = _weights()  # tensor by tensor into `dtype`; a missing, unexpected or mis-shaped tensor is named with the file
-    return w.load_into(model, w.read_tensors(os.path.join(d, "model.safetensors")), lambda k: (k, 0, 1), dtype)
+    return w.load_into(model, w.read_tensors(d), lambda k: (k, 0, 1), dtype)
 
 
 def _weights():  # the foreign checkpoint formats live in weights.py, which imports this file
