@@ -240,6 +240,7 @@ def load_siglip(src: str, dtype=None) -> Siglip:
 def build_vlm(vision: str, llm: str, image_tokens: int = 144, act: str | None = None, dtype=None) -> VLM:
     """The pre-training start (§3.1): pretrained SigLIP and Qwen2 (local dirs or hub ids), a fresh projector."""
     v, q = load_vision(vision, act=act, dtype=dtype), load_qwen(llm, dtype=dtype)
+    v.config.use_head, v.head = False, None  # the VLM never uses SigLIP's pooling head
     with torch.device("meta"):
         model = VLM(VLMConfig(v.config, q.config, image_tokens))
     model.vision, model.llm = v, q
