@@ -550,8 +550,8 @@ def load_model(cfg, device):
     if not tok_path:
         raise SystemExit(f"{cfg.model}: no tokenizer.json found; pass --tokenizer")
     saved = weights.read_config(cfg.model) if os.path.isfile(os.path.join(cfg.model, "config.json")) else {}
-    style, system = saved.get("chat_style") or "qwen2", saved.get("system", saved.get("system_prompt"))
-    return net, M.Tokenizer(tok_path), style, system
+    style = getattr(net, "chat_style", None) or saved.get("chat_style") or "qwen2"  # the loader knows the format
+    return net, M.Tokenizer(tok_path), style, saved.get("system", saved.get("system_prompt"))
 
 def encode_prompt(tok, text: str, chat: bool, chat_style: str, system) -> list[int]:
     turn = [{"from": "human", "value": text}]
