@@ -350,9 +350,7 @@ def test_generation_prompt_ends_after_the_assistant_header(tok):
         prompt, labels = M.chat_tokens(tok, turns[:1], style, generation_prompt=True)
         assert full[: len(prompt)] == prompt and all(lab == M.IGNORE for lab in labels)
         assert tok.decode(full[len(prompt):], skip_special=False) == "a red circle<|im_end|>\n"
-    with pytest.raises(ValueError, match="ends with a reply"):
-        M.chat_tokens(tok, turns[:3])
-    with pytest.raises(ValueError, match="ends with a user turn"):
+    with pytest.raises(ValueError, match="end with a human turn"):
         M.chat_tokens(tok, turns[:2], generation_prompt=True)
 
 
