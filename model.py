@@ -479,7 +479,7 @@ def position_ids_from_lens(doc_lens: list[list[int]], device) -> torch.Tensor:
     return torch.stack([torch.cat([torch.arange(n) for n in d]) for d in doc_lens]).to(device)
 
 
-_flex_compiled = None
+_flex = _create_block_mask = None  # compiled once, by make_attention: torch.compile takes ~3 s to import
 
 
 def make_attention(doc_lens: list[list[int]] | None, device, backend: str = "auto") -> Attention:
@@ -500,13 +500,17 @@ def make_attention(doc_lens: list[list[int]] | None, device, backend: str = "aut
     if backend == "mask":
         return Attention("mask", mask=(doc[:, :, None] == doc[:, None, :]).tril()[:, None])
     if backend == "flex":
-        from torch.nn.attention.flex_attention import create_block_mask
+        global _flex, _create_block_mask
+        if _flex is None:  # here, outside any compiled block: a global first set inside one recompiles every block
+            from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+            # eager create_block_mask builds the dense B x T x T mask: 2.1 s and +717 MiB at B=4, T=4096 on CPU
+            _flex, _create_block_mask = torch.compile(flex_attention, dynamic=False), torch.compile(create_block_mask)
 
         def same_doc_causal(b, h, q, kv):
             return (doc[b, q] == doc[b, kv]) & (q >= kv)
 
         B, T = doc.shape
-        return Attention("flex", block_mask=create_block_mask(same_doc_causal, B, None, T, T, device=device))
+        return Attention("flex", block_mask=_create_block_mask(same_doc_causal, B, None, T, T, device=device))
     raise ValueError(f"unknown attention backend {backend!r}")
 
 
@@ -524,12 +528,7 @@ def attend(q, k, v, attn: Attention):
             F.scaled_dot_product_attention(q[b:b + 1, :, s:e], k[b:b + 1, :, s:e], v[b:b + 1, :, s:e],
                                            is_causal=True, enable_gqa=True)
             for s, e in segs], dim=2)[0] for b, segs in enumerate(attn.segments)])
-    global _flex_compiled
-    from torch.nn.attention.flex_attention import flex_attention
-    if q.is_cuda and _flex_compiled is None:
-        _flex_compiled = torch.compile(flex_attention, dynamic=False)
-    fn = _flex_compiled if q.is_cuda else flex_attention
-    return fn(q, k, v, block_mask=attn.block_mask, enable_gqa=True)
+    return _flex(q, k, v, block_mask=attn.block_mask, enable_gqa=True)
 
 
 # -----------------------------------------------------------------------------------------------------------------
