@@ -480,6 +480,7 @@ def position_ids_from_lens(doc_lens: list[list[int]], device) -> torch.Tensor:
 
 
 _flex = _create_block_mask = None  # compiled once, by make_attention: torch.compile takes ~3 s to import
+MASKED_GQA_IS_MATH = {"cuda"}  # devices where SDPA with a mask and enable_gqa falls to the math kernel (pytorch#139586)
 
 
 def make_attention(doc_lens: list[list[int]] | None, device, backend: str = "auto") -> Attention:
@@ -522,7 +523,9 @@ def attend(q, k, v, attn: Attention):
     if attn.kind == "causal":
         return F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1, enable_gqa=True)
     if attn.kind == "mask":
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn.mask, enable_gqa=True)
+        if q.device.type in MASKED_GQA_IS_MATH:
+            k, v = (x.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for x in (k, v))
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn.mask, enable_gqa=q.shape[1] != k.shape[1])
     if attn.kind == "docs":
         return torch.stack([torch.cat([
             F.scaled_dot_product_attention(q[b:b + 1, :, s:e], k[b:b + 1, :, s:e], v[b:b + 1, :, s:e],
