@@ -531,7 +531,9 @@ def attend(q, k, v, attn: Attention):
             F.scaled_dot_product_attention(q[b:b + 1, :, s:e], k[b:b + 1, :, s:e], v[b:b + 1, :, s:e],
                                            is_causal=True, enable_gqa=True)
             for s, e in segs], dim=2)[0] for b, segs in enumerate(attn.segments)])
-    return _flex(q, k, v, block_mask=attn.block_mask, enable_gqa=True)
+    g = q.shape[1] // k.shape[1]  # under 128 queries flex picks its decoding kernel, which needs a power-of-2 group
+    opts = {"FORCE_USE_FLEX_ATTENTION": True} if q.shape[2] < 128 and g & (g - 1) else None
+    return _flex(q, k, v, block_mask=attn.block_mask, enable_gqa=True, kernel_options=opts)
 
 
 # -----------------------------------------------------------------------------------------------------------------
