@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import io
 import json
 import math
@@ -440,6 +441,9 @@ def pool_matrix(n_in: int, n_out: int) -> torch.Tensor:
     return torch.kron(a, a)
 
 
+_pool_on = functools.cache(lambda n_in, n_out, device, dtype: pool_matrix(n_in, n_out).to(device, dtype))  # no H2D
+
+
 class Projector(nn.Module):
     def __init__(self, vision_dim: int, llm_dim: int, grid: int, tokens: int):
         super().__init__()
@@ -451,7 +455,7 @@ class Projector(nn.Module):
 
     def forward(self, x):  # (N, grid^2, vision_dim) -> (N, tokens, llm_dim)
         if self.tokens != x.shape[1]:
-            x = pool_matrix(self.grid, math.isqrt(self.tokens)).to(x.device, x.dtype) @ x
+            x = _pool_on(self.grid, math.isqrt(self.tokens), x.device, x.dtype) @ x
         return self.fc2(F.gelu(self.fc1(x)))
 
     def init_weights(self):
@@ -476,7 +480,12 @@ class Attention:
 
 def position_ids_from_lens(doc_lens: list[list[int]], device) -> torch.Tensor:
     """Positions restart at 0 at every document, so a packed document sees exactly what it would see alone."""
-    return torch.stack([torch.cat([torch.arange(n) for n in d]) for d in doc_lens]).to(device)
+    return to_device(torch.stack([torch.cat([torch.arange(n) for n in d]) for d in doc_lens]), device)
+
+
+def to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """Host to device without a host sync on CUDA: a pageable copy waits, a pinned non_blocking one does not."""
+    return t.pin_memory().to(device, non_blocking=True) if torch.device(device).type == "cuda" else t.to(device)
 
 
 _flex = _create_block_mask = None  # compiled once, by make_attention: torch.compile takes ~3 s to import
@@ -496,8 +505,8 @@ def make_attention(doc_lens: list[list[int]] | None, device, backend: str = "aut
     if backend == "docs":
         ends = [np.cumsum(d).tolist() for d in doc_lens]
         return Attention("docs", segments=[list(zip([0, *e], e)) for e in ends])
-    # per row, the index of the document each position belongs to
-    doc = torch.stack([torch.repeat_interleave(torch.arange(len(d)), torch.tensor(d)) for d in doc_lens]).to(device)
+    doc = [torch.repeat_interleave(torch.arange(len(d)), torch.tensor(d)) for d in doc_lens]  # each position's doc
+    doc = to_device(torch.stack(doc), device)
     if backend == "mask":
         return Attention("mask", mask=(doc[:, :, None] == doc[:, None, :]).tril()[:, None])
     if backend == "flex":
@@ -723,9 +732,11 @@ class VLM(nn.Module):
         x = self.llm.embed_tokens(input_ids.clamp(min=0))
         is_image = input_ids == IMAGE_ID
         n_images = 0 if pixel_values is None else pixel_values.shape[0]
-        if int(is_image.sum()) != n_images * self.config.image_tokens:
-            raise ValueError(f"{int(is_image.sum())} image positions for {n_images} images of "
-                             f"{self.config.image_tokens} tokens")
+        msg = f"image positions are not {n_images} images x {self.config.image_tokens} tokens"
+        if is_image.is_cuda:  # checked on the device: a host-side count would wait for the GPU every micro-batch
+            torch._assert_async(is_image.sum() == n_images * self.config.image_tokens, msg)
+        elif int(is_image.sum()) != n_images * self.config.image_tokens:
+            raise ValueError(f"{msg}: {int(is_image.sum())}")
         if n_images:
             return x.masked_scatter(is_image[..., None], self.image_features(pixel_values).to(x.dtype))
         if self.training:  # every rank runs the tower and projector, or FSDP's collectives would wait forever

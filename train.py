@@ -407,7 +407,8 @@ def run(cfg, rank, world, device, stage):
             print0("wandb is not installed: logging to metrics.jsonl only")
     loader = torch.utils.data.DataLoader(
         MicroBatches(rows, cfg, rank, world, start, total, image_size, tok.pad_id), batch_size=None,
-        num_workers=cfg.workers, prefetch_factor=4 if cfg.workers else None, persistent_workers=False)
+        num_workers=cfg.workers, prefetch_factor=4 if cfg.workers else None, persistent_workers=False,
+        pin_memory=device.type == "cuda")  # pinned, so the copies below do not wait for the GPU
     batches, accum = iter(loader), cfg.global_batch // world // cfg.micro_batch
     peak = peak_flops(cfg, device, dtype) * world
     print0(f"{stage}: {rows.total} rows, {total} steps of {cfg.global_batch} rows ({world} ranks x {accum} x "
@@ -429,9 +430,9 @@ def run(cfg, rank, world, device, stage):
         loss_sum = torch.zeros((), device=device)
         for j, b in enumerate(micro):
             net.set_requires_gradient_sync(j == accum - 1)  # reduce-scatter once per step, not per micro-batch
-            px = M.normalize_pixels(b["pixels"].to(device), dtype) if b["n_images"] else None
-            loss = net(b["input_ids"].to(device), px, b["doc_lens"], b["targets"].to(device), doc_mask=cfg.doc_mask,
-                       backend=cfg.attention)
+            px = M.normalize_pixels(M.to_device(b["pixels"], device), dtype) if b["n_images"] else None
+            loss = net(M.to_device(b["input_ids"], device), px, b["doc_lens"], M.to_device(b["targets"], device),
+                       doc_mask=cfg.doc_mask, backend=cfg.attention)
             # Sum of token losses over the global count of supervised tokens; FSDP averages gradients over ranks,
             # so multiply by the world size to get the true global mean (not a mean of per-micro-batch means).
             (loss * world / n_sup).backward()
