@@ -18,7 +18,6 @@ import os
 import resource
 import shutil
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 
@@ -59,6 +58,7 @@ class Config:
     seed: int = 7  # the official seed
     ckpt_every: int = 0  # steps between checkpoints; 0 = only at the end
     keep: int = 2  # checkpoints kept
+    save: bool = True  # False: nothing is written under --out (no config, metrics, checkpoints, final model)
     resume: str = ""  # "auto" = newest complete checkpoint in out/checkpoints, or a checkpoint dir
     log_every: int = 10
     peak_tflops: float = 0.0  # MFU denominator per device; 0 = a GPU table, or a measured matmul on CPU
@@ -352,7 +352,7 @@ def main(argv=None, config_cls=Config, presets=PRESETS, stage="pretrain"):
         raise SystemExit(f"global batch {cfg.global_batch} is not a multiple of micro batch {cfg.micro_batch}")
     rank, world, device = setup()
     try:
-        run(cfg, rank, world, device, stage)
+        return run(cfg, rank, world, device, stage)
     finally:
         dist.destroy_process_group()
 
@@ -390,7 +390,7 @@ def run(cfg, rank, world, device, stage):
         start = meta["step"]
         print0(f"resumed from {resume[0]} at step {start} (row {meta['rows']})")
     metrics_path = os.path.join(cfg.out, "metrics.jsonl")
-    if rank == 0:
+    if rank == 0 and cfg.save:
         os.makedirs(cfg.out, exist_ok=True)
         M.write_json(os.path.join(cfg.out, "config.json"), {"stage": stage, "config": dataclasses.asdict(cfg),
                                                               "model": dataclasses.asdict(mcfg), "commit": git_commit(),
@@ -415,7 +415,7 @@ def run(cfg, rank, world, device, stage):
            f"{cfg.micro_batch}), doc mask {cfg.doc_mask}, {str(dtype)[6:]}, {sum(p.numel() for p in params) / 1e6:.1f}M "
            f"trainable")
     net.train()
-    t_start, window = time.time(), []
+    t_start, history = time.time(), []
     for step in range(start, total):
         t0 = time.perf_counter()
         micro = [next(batches) for _ in range(accum)]
@@ -452,23 +452,23 @@ def run(cfg, rank, world, device, stage):
         f = sum(flops(mcfg, b, cfg.train_vision) for b in micro)
         fl = torch.tensor([f], dtype=torch.float64, device=device)
         dist.all_reduce(fl)
-        rec = {"step": step + 1, "loss": loss_val, "lr": lr, "grad_norm": gnorm_val, "tokens": int(counts[1]),
-               "supervised": int(n_sup), "images": int(counts[2]), "bad_images": int(counts[3]), "time": dt,
-               "data_wait": t_data / dt, "mfu": fl.item() / dt / peak}
-        window.append(rec)
-        if rank == 0:
+        history.append({"step": step + 1, "loss": loss_val, "lr": lr, "grad_norm": gnorm_val, "tokens": int(counts[1]),
+                        "supervised": int(n_sup), "images": int(counts[2]), "bad_images": int(counts[3]), "time": dt,
+                        "data_wait": t_data / dt, "mfu": fl.item() / dt / peak})
+        if rank == 0 and cfg.save:
             with open(metrics_path, "a") as fh:
-                fh.write(json.dumps(rec) + "\n")
-            if wandb:
-                wandb.log(rec, step=step + 1)
+                fh.write(json.dumps(history[-1]) + "\n")
+        if wandb:
+            wandb.log(history[-1], step=step + 1)
         if (step + 1) % cfg.log_every == 0 or step + 1 == total or step == start:
-            log_line(window, step + 1, total, start, t_start, device)
-            window = []
-        if (cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0) or step + 1 == total:
+            log_line(history[-cfg.log_every:], step + 1, total, start, t_start, device)  # the last log_every steps
+        if cfg.save and ((cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0) or step + 1 == total):
             save_checkpoint(net, opt, cfg.out, step + 1, {"step": step + 1, "rows": (step + 1) * cfg.global_batch,
                                                           "config": dataclasses.asdict(cfg), "commit": git_commit()},
                             cfg.keep)
-    save_final(net, mcfg, cfg, tok_path)
+    if cfg.save:
+        save_final(net, mcfg, cfg, tok_path)
+    return history
 
 
 def log_line(window, step, total, start, t_start, device):
@@ -497,4 +497,4 @@ def save_final(net, mcfg: M.VLMConfig, cfg: Config, tok_path: str):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
