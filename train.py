@@ -61,7 +61,7 @@ class Config:
     save: bool = True  # False: nothing is written under --out (no config, metrics, checkpoints, final model)
     resume: str = ""  # "auto" = newest complete checkpoint in out/checkpoints, or a checkpoint dir
     log_every: int = 10
-    peak_tflops: float = 0.0  # MFU denominator per device; 0 = a GPU table, or a measured matmul on CPU
+    peak_tflops: float = 0.0  # spec MFU denominator per device; 0 = the GPU table, else the measured matmul peak
     wandb: str = ""  # wandb project; used only if wandb is installed
     dry_run: bool = False  # print parameters, FLOPs per token and projected GPU-hours, then exit
     token_budget: float = 5e9  # dry run: tokens to train on (the paper: 5B)
@@ -75,7 +75,10 @@ PRESETS = {
                   seq_len=4096, global_batch=512, micro_batch=8, lr=5e-5, ac=True),
 }
 REPO = os.path.dirname(os.path.abspath(__file__))
-GPU_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "4090": 165.0}
+GPU_PEAK_TFLOPS = {  # dense bf16 spec, by the full name torch.cuda.get_device_name() reports
+    "NVIDIA H200": 989.0, "NVIDIA H100 80GB HBM3": 989.0, "NVIDIA H200 NVL": 835.0, "NVIDIA H100 NVL": 835.0,
+    "NVIDIA H100 PCIe": 756.0, "NVIDIA A100-SXM4-80GB": 312.0, "NVIDIA A100-SXM4-40GB": 312.0,
+    "NVIDIA A100 80GB PCIe": 312.0, "NVIDIA A100-PCIE-40GB": 312.0, "NVIDIA L40S": 362.0, "NVIDIA A10": 125.0}
 
 
 def print0(*a, **kw):
@@ -208,18 +211,30 @@ def flops(c: M.VLMConfig, b: dict, train_vision: bool) -> float:
     return llm + head + (vis + proj) * b["n_images"]
 
 
-def peak_flops(cfg: Config, device, dtype) -> float:
-    if cfg.peak_tflops:
-        return cfg.peak_tflops * 1e12
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name()
-        return next((v for k, v in GPU_PEAK_TFLOPS.items() if k in name), 312.0) * 1e12
-    a = torch.randn(2048, 2048, dtype=dtype)
-    a @ a
-    t = time.perf_counter()
+def matmul_peak(device, dtype) -> float:
+    """Measured dense matmul FLOP/s in `dtype`: 8192^3 on a GPU (an H200 gives ~790 of its 989 TFLOP/s spec), 2048^3
+    on a CPU."""
+    n, reps, sync = (8192, 20, torch.cuda.synchronize) if device.type == "cuda" else (2048, 3, lambda: None)
+    a = torch.randn(n, n, dtype=dtype, device=device)
     for _ in range(3):
         a @ a
-    return 3 * 2 * 2048 ** 3 / (time.perf_counter() - t)  # measured CPU peak in the training dtype
+    sync()
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ a
+    sync()
+    return reps * 2 * n ** 3 / (time.perf_counter() - t)
+
+
+def peak_flops(cfg: Config, device, dtype) -> tuple[float, float]:
+    """(spec, measured) peak FLOP/s of one device; MFU is logged against both. The spec is --peak-tflops, else the
+    GPU table by full name, else (CPU, or an unknown GPU, with a warning) the measured peak."""
+    measured = matmul_peak(device, dtype)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+    spec = (cfg.peak_tflops or GPU_PEAK_TFLOPS.get(name, 0.0)) * 1e12
+    if name and not spec:
+        print0(f"warning: no spec peak for {name!r}: MFU is against the measured matmul peak (or pass --peak-tflops)")
+    return spec or measured, measured
 
 
 def lr_at(step: int, total: int, cfg: Config) -> float:
@@ -410,10 +425,10 @@ def run(cfg, rank, world, device, stage):
         num_workers=cfg.workers, prefetch_factor=4 if cfg.workers else None, persistent_workers=False,
         pin_memory=device.type == "cuda")  # pinned, so the copies below do not wait for the GPU
     batches, accum = iter(loader), cfg.global_batch // world // cfg.micro_batch
-    peak = peak_flops(cfg, device, dtype) * world
+    spec, measured = (world * p for p in peak_flops(cfg, device, dtype))
     print0(f"{stage}: {rows.total} rows, {total} steps of {cfg.global_batch} rows ({world} ranks x {accum} x "
            f"{cfg.micro_batch}), doc mask {cfg.doc_mask}, {str(dtype)[6:]}, {sum(p.numel() for p in params) / 1e6:.1f}M "
-           f"trainable")
+           f"trainable, peak {spec / world / 1e12:.1f} TFLOP/s spec, {measured / world / 1e12:.1f} measured")
     net.train()
     t_start, history = time.time(), []
     for step in range(start, total):
@@ -454,7 +469,8 @@ def run(cfg, rank, world, device, stage):
         dist.all_reduce(fl)
         history.append({"step": step + 1, "loss": loss_val, "lr": lr, "grad_norm": gnorm_val, "tokens": int(counts[1]),
                         "supervised": int(n_sup), "images": int(counts[2]), "bad_images": int(counts[3]), "time": dt,
-                        "data_wait": t_data / dt, "mfu": fl.item() / dt / peak})
+                        "data_wait": t_data / dt, "mfu": fl.item() / dt / spec,
+                        "mfu_measured": fl.item() / dt / measured})
         if rank == 0 and cfg.save:
             with open(metrics_path, "a") as fh:
                 fh.write(json.dumps(history[-1]) + "\n")
@@ -481,7 +497,8 @@ def log_line(window, step, total, start, t_start, device):
     print0(f"[{bar:<20}] step {step}/{total} loss {window[-1]['loss']:.4f} lr {window[-1]['lr']:.2e} "
            f"gnorm {window[-1]['grad_norm']:.2f} | {sum(r['tokens'] for r in window) / t:,.0f} tok/s "
            f"{sum(r['images'] for r in window) / t:,.1f} img/s mfu {np.mean([r['mfu'] for r in window]):.1%} "
-           f"mem {mem:.1f}G data {np.mean([r['data_wait'] for r in window]):.0%} | eta {eta / 60:.1f}m")
+           f"({np.mean([r['mfu_measured'] for r in window]):.1%} of measured) mem {mem:.1f}G "
+           f"data {np.mean([r['data_wait'] for r in window]):.0%} | eta {eta / 60:.1f}m")
 
 
 def save_final(net, mcfg: M.VLMConfig, cfg: Config, tok_path: str):
