@@ -298,14 +298,12 @@ def setup() -> tuple[int, int, torch.device]:
     """torchrun sets RANK/WORLD_SIZE; a plain `python train.py` is a world of one with an in-memory store, so both
     run the same FSDP code."""
     cuda = torch.cuda.is_available()
-    if "RANK" in os.environ:
-        dist.init_process_group("nccl" if cuda else "gloo")
-    else:
-        dist.init_process_group("nccl" if cuda else "gloo", store=dist.HashStore(), rank=0, world_size=1)
-    rank, world = dist.get_rank(), dist.get_world_size()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
     if cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    return rank, world, torch.device("cuda" if cuda else "cpu")
+        torch.cuda.set_device(device)  # before NCCL starts, so that its communicator binds this rank's GPU
+    one = {} if "RANK" in os.environ else dict(store=dist.HashStore(), rank=0, world_size=1)
+    dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None, **one)
+    return dist.get_rank(), dist.get_world_size(), device
 
 
 def resolve_data(cfg: Config, rank: int) -> tuple[str, str]:
