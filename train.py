@@ -269,6 +269,8 @@ def save_checkpoint(net, opt, out: str, step: int, meta: dict, keep: int):
     dist.barrier()
     if rank == 0:
         M.write_json(os.path.join(tmp, "meta.json"), meta)
+        if os.path.exists(path):  # this step, saved before a resume from an older checkpoint: replaced
+            shutil.rmtree(path)
         os.rename(tmp, path)  # atomic: a checkpoint dir without .tmp is complete
         for old in checkpoint_dirs(out)[:-keep]:
             shutil.rmtree(old)
@@ -405,6 +407,9 @@ def run(cfg, rank, world, device, stage):
         print0(f"resumed from {resume[0]} at step {start} (row {meta['rows']})")
     metrics_path = os.path.join(cfg.out, "metrics.jsonl")
     if rank == 0 and cfg.save:
+        if not start and checkpoint_dirs(cfg.out):  # left there, --resume auto would mix that run's steps with ours
+            print0(f"{cfg.out}: this run starts from step 0, removing the checkpoints of an earlier run")
+            shutil.rmtree(os.path.join(cfg.out, "checkpoints"))
         os.makedirs(cfg.out, exist_ok=True)
         M.write_json(os.path.join(cfg.out, "config.json"), {"stage": stage, "config": dataclasses.asdict(cfg),
                                                               "model": dataclasses.asdict(mcfg), "commit": git_commit(),
