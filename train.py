@@ -365,6 +365,8 @@ def main(argv=None, config_cls=Config, presets=PRESETS, stage="pretrain"):
     cfg = M.parse_config(config_cls, argv, presets)
     if cfg.global_batch % cfg.micro_batch:
         raise SystemExit(f"global batch {cfg.global_batch} is not a multiple of micro batch {cfg.micro_batch}")
+    if cfg.compile and cfg.attention == "docs":  # each new set of document lengths is a new graph
+        raise SystemExit("--attention docs recompiles under --compile at every batch: use flex (GPU) or mask")
     rank, world, device = setup()
     try:
         return run(cfg, rank, world, device, stage)
