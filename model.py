@@ -1,7 +1,8 @@
 """
-Open-Qwen2VL in one file: SigLIP vision and text towers, the average-pooling projector, the Qwen2 decoder, the VLM
-that splices image features into the token stream, weight loading/saving, the tokenizer and prompt formats, image
-preprocessing, and the small command-line config parser every stage uses.
+Open-Qwen2VL's ground floor: SigLIP vision and text towers, the average-pooling projector, the Qwen2 decoder, the
+VLM that splices image features into the token stream, our own checkpoint format, the tokenizer and prompt formats,
+image preprocessing, and the small command-line config parser every stage uses. Foreign checkpoint formats (HF,
+timm, the official .pt, LLaVA) are in weights.py, which builds on this file.
 
 Spec: ../shared/design/reference.md (section numbers below refer to it). Plain PyTorch; attention goes through
 F.scaled_dot_product_attention, or flex attention on GPU for document-masked packed rows.
@@ -15,7 +16,6 @@ import io
 import json
 import math
 import os
-import re
 import typing
 import warnings
 from dataclasses import dataclass, field
@@ -95,9 +95,6 @@ class Tokenizer:
 
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False).ids if text else []
-
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=False)]
 
     def decode(self, ids, skip_special: bool = True) -> str:
         ids = [int(i) for i in ids if i >= 0 and not (skip_special and i in self.special_ids)]
@@ -225,7 +222,7 @@ def preprocess(src, size: int) -> torch.Tensor:
 
 
 # -----------------------------------------------------------------------------------------------------------------
-# Configs. Field names are ours; `from_hf` reads transformers' config.json for the same architecture.
+# Configs. Field names are ours; weights.py reads transformers' config.json files into them.
 
 
 @dataclass
@@ -240,11 +237,6 @@ class VisionConfig:
     act: str = "gelu_tanh"  # HF configs say gelu_pytorch_tanh; the timm weights the official code ran use exact "gelu"
     use_head: bool = True  # the attention-pooling head, needed for contrastive image embeddings only
 
-    @classmethod
-    def from_hf(cls, d: dict) -> VisionConfig:
-        return cls(d.get("image_size", 224), d.get("patch_size", 16), use_head=d.get("vision_use_head", True),
-                   **_siglip_from_hf(d))
-
 
 @dataclass
 class TextConfig:  # SigLIP's text tower
@@ -257,19 +249,6 @@ class TextConfig:  # SigLIP's text tower
     projection_size: int = 1152
     eps: float = 1e-6
     act: str = "gelu_tanh"
-
-    @classmethod
-    def from_hf(cls, d: dict) -> TextConfig:
-        shared = _siglip_from_hf(d)
-        return cls(d.get("vocab_size", 32000), max_positions=d.get("max_position_embeddings", 64),
-                   projection_size=d.get("projection_size") or shared["hidden_size"], **shared)
-
-
-def _siglip_from_hf(d: dict) -> dict:
-    """Fields both SigLIP towers have. A key missing from the file (hub configs omit defaults) has HF's default."""
-    return dict(hidden_size=d.get("hidden_size", 768), intermediate_size=d.get("intermediate_size", 3072),
-                num_layers=d.get("num_hidden_layers", 12), num_heads=d.get("num_attention_heads", 12),
-                eps=d.get("layer_norm_eps", 1e-6), act=_act(d.get("hidden_act", "gelu_pytorch_tanh")))
 
 
 @dataclass
@@ -284,23 +263,6 @@ class QwenConfig:
     rope_theta: float = 1e6
     eps: float = 1e-6
     tie_embeddings: bool = True
-
-    @classmethod
-    def from_hf(cls, d: dict) -> QwenConfig:
-        h, nh = d["hidden_size"], d["num_attention_heads"]
-        theta = (d.get("rope_parameters") or {}).get("rope_theta", d.get("rope_theta", 10000.0))  # v5 / v4 layouts
-        if (d.get("rope_parameters") or d.get("rope_scaling") or {}).get("rope_type", "default") != "default":
-            raise ValueError("only the default RoPE is implemented (Qwen2.5 uses it)")
-        return cls(d["vocab_size"], h, d["intermediate_size"], d["num_hidden_layers"], nh,
-                   d.get("num_key_value_heads", nh), d.get("head_dim") or h // nh, float(theta),
-                   d.get("rms_norm_eps", 1e-6), d.get("tie_word_embeddings", False))
-
-
-def _act(name: str) -> str:
-    table = {"gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "gelu_tanh": "gelu_tanh", "gelu": "gelu"}
-    if name not in table:
-        raise ValueError(f"unsupported activation {name!r}")
-    return table[name]
 
 
 def gelu(x, kind: str):
@@ -381,7 +343,7 @@ class SiglipVision(nn.Module):
             x = block(x)
         return self.post_norm(x) if norm else x
 
-    from_pretrained = classmethod(lambda cls, src, **kw: load_vision(src, **kw))
+    from_pretrained = classmethod(lambda cls, src, **kw: _weights().load_vision(src, **kw))
 
 
 class SiglipText(nn.Module):
@@ -423,7 +385,7 @@ class Siglip(nn.Module):
         i, t = F.normalize(image_embeds, dim=-1), F.normalize(text_embeds, dim=-1)
         return (i * t).sum(-1) * self.logit_scale.exp() + self.logit_bias
 
-    from_pretrained = classmethod(lambda cls, src, **kw: load_siglip(src, **kw))
+    from_pretrained = classmethod(lambda cls, src, **kw: _weights().load_siglip(src, **kw))
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -633,7 +595,7 @@ class Qwen2(nn.Module):
         logits = F.linear(x[keep], self.head_weight()).float()
         return F.cross_entropy(logits, targets[keep], reduction="sum")
 
-    from_pretrained = classmethod(lambda cls, src, **kw: load_qwen(src, **kw))
+    from_pretrained = classmethod(lambda cls, src, **kw: _weights().load_qwen(src, **kw))
 
 
 class KVCache:
@@ -823,7 +785,7 @@ class VLM(nn.Module):
     def save_pretrained(self, out_dir: str):
         save_vlm(out_dir, self.config, self.state_dict())
 
-    from_pretrained = classmethod(lambda cls, src, **kw: load_vlm(src, **kw))
+    from_pretrained = classmethod(lambda cls, src, **kw: _weights().load_vlm(src, **kw))
 
 
 def save_vlm(out_dir: str, config: VLMConfig, state: dict):
@@ -836,229 +798,36 @@ def save_vlm(out_dir: str, config: VLMConfig, state: dict):
     write_json(os.path.join(out_dir, "config.json"), {"model_type": "open-qwen2vl", **dataclasses.asdict(config)})
 
 
+def load_vlm(d: str, dtype=None, image_tokens: int | None = None) -> VLM:
+    """A local VLM saved by `save_vlm` (reloads bit-identically; weights.load_vlm takes every other format and hub
+    ids). `image_tokens` switches the pooling (144 -> 729 for SFT, §1.4): the projector's weights do not depend on it."""
+    from safetensors import safe_open
+    with open(os.path.join(d, "config.json")) as f:
+        c = json.load(f)
+    if c.get("model_type") != "open-qwen2vl":
+        raise ValueError(f"{d}: config.json is not an open-qwen2vl VLM (model_type={c.get('model_type')!r})")
+    c = VLMConfig.from_dict(c)
+    with torch.device("meta"):
+        model = VLM(dataclasses.replace(c, image_tokens=image_tokens or c.image_tokens))
+    path, want = os.path.join(d, "model.safetensors"), model.state_dict()
+    try:
+        with safe_open(path, "pt") as f:
+            state = {k: f.get_tensor(k) for k in f.keys()}
+        model.load_state_dict({k: t.to(dtype or want[k].dtype) if k in want else t for k, t in state.items()},
+                              assign=True)  # strict: names a missing, unexpected or mis-shaped tensor
+    except Exception as e:
+        raise ValueError(f"{path}: {e}") from None
+    return model
+
+
+def _weights():  # the foreign checkpoint formats live in weights.py, which imports this file
+    import weights
+    return weights
+
+
 def write_json(path: str, obj):
     """Atomic: written under a hidden temp name, then renamed, so a reader sees the old file or the whole new one."""
     tmp = os.path.join(os.path.dirname(path), "." + os.path.basename(path) + ".tmp")
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=1)
     os.replace(tmp, path)
-
-
-# -----------------------------------------------------------------------------------------------------------------
-# Loading. A model is built on the meta device and each checkpoint tensor is converted and placed as it is read, so
-# a 1.5B model never exists twice in memory and can go straight to bf16. Key maps are explicit regex tables:
-# (checkpoint name, our name[, parts]); the tensors of a parts group are concatenated (we fuse q/k/v, gate/up).
-
-SKIP = "skip"
-_L = r"(?:encoder\.layers|blocks)\.(\d+)\."  # one pattern for both HF and timm block prefixes
-QWEN_KEYS = [  # HF Qwen2ForCausalLM, with or without the leading "model."
-    (r"embed_tokens\.weight", "embed_tokens.weight"), (r"norm\.weight", "norm.weight"),
-    (r"lm_head\.weight", "lm_head.weight"), (r".*rotary_emb\.inv_freq", SKIP),
-    (r"layers\.(\d+)\.self_attn\.(?P<part>[qkv])_proj\.(weight|bias)", r"layers.\1.qkv.\3", "qkv"),
-    (r"layers\.(\d+)\.mlp\.(?P<part>gate|up)_proj\.weight", r"layers.\1.gate_up.weight", ("gate", "up")),
-    (r"layers\.(\d+)\.self_attn\.o_proj\.weight", r"layers.\1.o_proj.weight"),
-    (r"layers\.(\d+)\.mlp\.down_proj\.weight", r"layers.\1.down.weight"),
-    (r"layers\.(\d+)\.input_layernorm\.weight", r"layers.\1.attn_norm.weight"),
-    (r"layers\.(\d+)\.post_attention_layernorm\.weight", r"layers.\1.mlp_norm.weight"),
-]
-SIGLIP_BLOCK_KEYS = [  # HF encoder.layers.N.* and timm blocks.N.*
-    (_L + r"(?:layer_norm|norm)([12])\.(weight|bias)", r"blocks.\1.norm\2.\3"),
-    (_L + r"self_attn\.(?P<part>[qkv])_proj\.(weight|bias)", r"blocks.\1.qkv.\3", "qkv"),
-    (_L + r"attn\.qkv\.(weight|bias)", r"blocks.\1.qkv.\2"),
-    (_L + r"(?:self_attn\.out_proj|attn\.proj)\.(weight|bias)", r"blocks.\1.proj.\2"),
-    (_L + r"mlp\.(fc[12])\.(weight|bias)", r"blocks.\1.\2.\3"),
-    (r"embeddings\.position_ids", SKIP),
-]
-VISION_KEYS = SIGLIP_BLOCK_KEYS + [
-    (r"embeddings\.patch_embedding\.(weight|bias)|patch_embed\.proj\.(weight|bias)", r"patch_embed.\1\2"),
-    (r"embeddings\.position_embedding\.weight|pos_embed", "pos_embed"),
-    (r"post_layernorm\.(weight|bias)|norm\.(weight|bias)", r"post_norm.\1\2"),
-    (r"head\.probe|attn_pool\.latent", "head.probe"),
-    (r"head\.attention\.in_proj_(weight|bias)", r"head.in_proj.\1"),
-    (r"attn_pool\.(?P<part>q|kv)\.(weight|bias)", r"head.in_proj.\2", ("q", "kv")),  # timm splits q from kv
-    (r"head\.attention\.out_proj\.(weight|bias)|attn_pool\.proj\.(weight|bias)", r"head.out_proj.\1\2"),
-    (r"head\.layernorm\.(weight|bias)|attn_pool\.norm\.(weight|bias)", r"head.norm.\1\2"),
-    (r"(?:head|attn_pool)\.mlp\.(fc[12])\.(weight|bias)", r"head.\1.\2"),
-]
-TEXT_KEYS = SIGLIP_BLOCK_KEYS + [
-    (r"embeddings\.token_embedding\.weight", "token_embed.weight"),
-    (r"embeddings\.position_embedding\.weight", "pos_embed"),
-    (r"final_layer_norm\.(weight|bias)", r"final_norm.\1"), (r"head\.(weight|bias)", r"head.\1"),
-]
-
-
-def _mapper(*tables):
-    """(checkpoint prefix, rules, our prefix) tables -> name -> (our name, part, parts) | SKIP | None (unknown).
-    A rule with a part list fuses tensors: the `part` group says which slice of our tensor this one is."""
-    compiled = [(pre, re.compile(r[0]), r[1], r[2] if len(r) > 2 else None, ours)
-                for pre, rules, ours in tables for r in rules]
-
-    def key_map(name):
-        for pre, rx, repl, parts, ours in compiled:
-            if name.startswith(pre) and (m := rx.fullmatch(name[len(pre):])):
-                if repl == SKIP:
-                    return SKIP
-                return ours + m.expand(repl), *((list(parts).index(m["part"]), len(parts)) if parts else (0, 1))
-        return None
-    return key_map
-
-
-def resolve(src: str, patterns=("config.json", "*.safetensors", "*.safetensors.index.json")) -> str:
-    """A local directory or file, or a hub id fetched with snapshot_download (only the files we read)."""
-    if os.path.exists(src):
-        return src
-    if src.count("/") != 1 or src.startswith((".", "/")):
-        raise FileNotFoundError(f"{src}: no such file or directory")
-    from huggingface_hub import snapshot_download
-    try:
-        return snapshot_download(src, allow_patterns=list(patterns))
-    except Exception as e:
-        raise FileNotFoundError(f"{src}: not a local path, and the hub could not provide it ({e})") from None
-
-
-def read_config(d: str) -> dict:
-    path = os.path.join(d, "config.json")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{d}: no config.json")
-    with open(path) as f:
-        return json.load(f)
-
-
-def read_tensors(d: str):
-    """(file, name, tensor) for every tensor of a safetensors file or a checkpoint directory (sharded or not), read
-    lazily: safetensors mmaps."""
-    from safetensors import safe_open
-    if os.path.isfile(d):
-        files = [d]
-    elif os.path.isfile(index := os.path.join(d, "model.safetensors.index.json")):
-        with open(index) as f:
-            files = sorted({os.path.join(d, v) for v in json.load(f)["weight_map"].values()})
-    elif not (files := sorted(os.path.join(d, f) for f in os.listdir(d) if f.endswith(".safetensors"))):
-        raise FileNotFoundError(f"{d}: no model.safetensors or model.safetensors.index.json")
-    for path in files:
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path}: weight file missing")
-        try:
-            with safe_open(path, "pt") as f:
-                names = list(f.keys())
-                for name in names:
-                    yield path, name, f.get_tensor(name)
-        except Exception as e:  # safetensors' own error type; our consumers' errors never pass through here
-            raise ValueError(f"{path}: unreadable safetensors file ({e})") from None
-
-
-def load_into(model: nn.Module, tensors, key_map, dtype=None) -> nn.Module:
-    """Fill `model` (on the meta device) from (file, name, tensor) triples. Every checkpoint tensor must map to a
-    parameter with the right shape, and every parameter must be filled: anything else is an error naming it."""
-    params = dict(model.named_parameters())
-    parts: dict[str, dict] = {}
-    seen = set()
-    for path, name, t in tensors:
-        seen.add(path)
-        m = key_map(name)
-        if m == SKIP:
-            continue
-        if m is None or m[0] not in params:
-            raise KeyError(f"{path}: unexpected tensor {name!r}" + (f" (-> {m[0]!r})" if m else ""))
-        ours, part, n = m
-        t = t.to(dtype or params[ours].dtype)
-        if n > 1:
-            parts.setdefault(ours, {})[part] = (t, name)
-            if len(parts[ours]) < n:
-                continue
-            got = parts.pop(ours)
-            name = "+".join(got[i][1] for i in range(n))
-            t = torch.cat([got[i][0] for i in range(n)])
-        want = params[ours].shape
-        if t.shape != want and t.shape[0] == 1 and t.shape[1:] == want:  # timm keeps a batch dim on pos_embed
-            t = t[0]
-        if t.shape != want:
-            raise ValueError(f"{path}: tensor {name!r} has shape {tuple(t.shape)}, expected {tuple(want)} for {ours}")
-        mod, _, leaf = ours.rpartition(".")
-        params[ours] = nn.Parameter(t, requires_grad=params[ours].requires_grad)
-        setattr(model.get_submodule(mod), leaf, params[ours])
-    missing = [k for k, p in model.named_parameters() if p.is_meta] + [k + " (partial)" for k in parts]
-    if missing:
-        raise KeyError(f"{', '.join(sorted(seen))}: missing {len(missing)} tensor(s): {', '.join(missing[:8])}")
-    return model
-
-
-def load_qwen(src: str, dtype=None) -> Qwen2:
-    d = resolve(src)
-    cfg = QwenConfig.from_hf(read_config(d))
-    with torch.device("meta"):
-        model = Qwen2(cfg)
-    rules = ([(r"lm_head\.weight", SKIP)] if cfg.tie_embeddings else []) + QWEN_KEYS  # tied: the head is the embedding
-    return load_into(model, read_tensors(d), _mapper(("model.", rules, ""), ("", rules, "")), dtype)
-
-
-def load_vision(src: str, config: VisionConfig | None = None, act: str | None = None, dtype=None) -> SiglipVision:
-    """HF SigLIP (full model or vision-only) or timm/open_clip layouts (`visual.trunk.` prefix optional). `act`
-    overrides the activation: timm runs exact GELU where HF configs say gelu_pytorch_tanh (§1.1)."""
-    d = resolve(src, ("config.json", "*.safetensors", "*.safetensors.index.json", "open_clip_config.json"))
-    if config is None:
-        if not os.path.isfile(os.path.join(d, "config.json")):
-            raise ValueError(f"{src}: no config.json (a timm checkpoint?): pass config=, e.g. preset('paper').vision")
-        c = read_config(d)
-        config = VisionConfig.from_hf(c.get("vision_config", c))
-    if act is not None:
-        config = dataclasses.replace(config, act=_act(act))
-    with torch.device("meta"):
-        model = SiglipVision(config)
-    skip = [(r"text_model\..*|text\..*|logit_(scale|bias)", SKIP)]
-    if not config.use_head:
-        skip.append((r"(?:vision_model\.|visual\.trunk\.)?(?:head|attn_pool)\..*", SKIP))
-    key_map = _mapper(("", skip, ""), ("vision_model.", VISION_KEYS, ""), ("visual.trunk.", VISION_KEYS, ""),
-                      ("", VISION_KEYS, ""))
-    return load_into(model, read_tensors(d), key_map, dtype)
-
-
-def load_siglip(src: str, dtype=None) -> Siglip:
-    d = resolve(src)
-    c = read_config(d)
-    with torch.device("meta"):
-        model = Siglip(VisionConfig.from_hf(c["vision_config"]), TextConfig.from_hf(c["text_config"]))
-    key_map = _mapper(("vision_model.", VISION_KEYS, "vision."), ("text_model.", TEXT_KEYS, "text."),
-                      ("", [(r"logit_(scale|bias)", r"logit_\1")], ""))
-    return load_into(model, read_tensors(d), key_map, dtype)
-
-
-def load_vlm(src: str, dtype=None, image_tokens: int | None = None) -> VLM:
-    """A VLM saved by `save_vlm` (our key names; reloads bit-identically). `image_tokens` switches the pooling
-    (144 -> 729 for SFT, §1.4): the projector's weights do not depend on it."""
-    d = resolve(src)
-    c = read_config(d)
-    if c.get("model_type") != "open-qwen2vl":
-        raise ValueError(f"{d}: config.json is not an open-qwen2vl VLM (model_type={c.get('model_type')!r})")
-    c = VLMConfig.from_dict(c)
-    with torch.device("meta"):
-        model = VLM(dataclasses.replace(c, image_tokens=image_tokens or c.image_tokens))
-    return load_into(model, read_tensors(d), lambda n: (n, 0, 1), dtype)
-
-
-def build_vlm(vision: str, llm: str, image_tokens: int = 144, act: str | None = None, dtype=None) -> VLM:
-    """The pre-training start (§3.1): pretrained SigLIP and Qwen2 (local dirs or hub ids), a fresh projector."""
-    v, q = load_vision(vision, act=act, dtype=dtype), load_qwen(llm, dtype=dtype)
-    with torch.device("meta"):
-        model = VLM(VLMConfig(v.config, q.config, image_tokens))
-    model.vision, model.llm = v, q
-    model.projector.to_empty(device="cpu").init_weights()  # fp32 like a fresh module, then the model's dtype
-    return model.to(dtype) if dtype else model
-
-
-def load_official(ckpt: str, vision: str, llm: str, image_tokens: int = 144, dtype=None) -> VLM:
-    """The official `latest-checkpoint.pt`: {"model": {"projector": {mlp_projector.0/2.*}, "llm_backbone": {llm.*}}}
-    in fp32 (§8.10). It has no vision weights (they come from `vision`, timm or HF SigLIP) and no LLM config (read
-    from `llm`'s config.json). Loaded with weights_only=True: no code in a checkpoint ever runs."""
-    sd = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)["model"]
-    c = QwenConfig.from_hf(read_config(resolve(llm, ("config.json",))))
-    v = load_vision(vision, dtype=dtype)
-    with torch.device("meta"):
-        model = VLM(VLMConfig(v.config, c, image_tokens))
-    model.vision = v
-    llm_rules = ([(r"lm_head\.weight", SKIP)] if c.tie_embeddings else []) + QWEN_KEYS  # a tied head is stored twice
-    proj_rules = [(r"0\.(weight|bias)", r"fc1.\1"), (r"2\.(weight|bias)", r"fc2.\1")]  # Sequential(fc1, GELU, fc2)
-    key_map = _mapper(("mlp_projector.", proj_rules, "projector."), ("llm.model.", llm_rules, "llm."),
-                      ("llm.", llm_rules, "llm."))
-    tensors = [(ckpt, k, t) for part in ("projector", "llm_backbone") for k, t in sd[part].items()]
-    return load_into(model, tensors, key_map, dtype)

@@ -27,6 +27,7 @@ import torch.distributed as dist
 
 import model as M
 import pack
+import weights as W
 
 
 @dataclass
@@ -166,7 +167,7 @@ def build_model(cfg: Config, vocab: int, device) -> M.VLM:
     if cfg.init:
         net = M.VLM.from_pretrained(cfg.init, image_tokens=cfg.image_tokens)
     elif cfg.vision and cfg.llm:
-        net = M.build_vlm(cfg.vision, cfg.llm, cfg.image_tokens, act=cfg.vision_act)
+        net = W.build_vlm(cfg.vision, cfg.llm, cfg.image_tokens, act=cfg.vision_act)
     else:  # random init, identical on every rank (same seed, full model), so any world size starts the same
         c = M.preset(cfg.preset, vocab_size=None if cfg.preset == "paper" else -(-vocab // 64) * 64)
         c.vision.act, c.image_tokens = cfg.vision_act, cfg.image_tokens
@@ -314,7 +315,7 @@ def resolve_data(cfg: Config, rank: int) -> tuple[str, str]:
         tok = cfg.tokenizer or next((os.path.join(p, "tokenizer.json") for p in (cfg.init, cfg.llm) if p and
                                      os.path.isfile(os.path.join(p, "tokenizer.json"))), "")
         if not tok and cfg.llm:
-            tok = os.path.join(M.resolve(cfg.llm, ("tokenizer.json",)), "tokenizer.json")
+            tok = os.path.join(W.resolve(cfg.llm, ("tokenizer.json",)), "tokenizer.json")
         return cfg.data, tok
     import toyworld
     if rank == 0:

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import model as M
+import weights as W
 
 transformers = pytest.importorskip("transformers")
 TOL = 1e-4
@@ -466,7 +467,7 @@ def test_official_checkpoint_layout(tmp_path):
           "llm_backbone": {"llm." + k: v for k, v in ref.state_dict().items()}}
     sd["llm_backbone"]["llm.lm_head.weight"] = ref.model.embed_tokens.weight.clone()
     torch.save({"model": sd}, tmp_path / "latest-checkpoint.pt")
-    net = M.load_official(str(tmp_path / "latest-checkpoint.pt"), siglip_path, llm_path, image_tokens=4).eval()
+    net = W.load_official(str(tmp_path / "latest-checkpoint.pt"), siglip_path, llm_path, image_tokens=4).eval()
     ids = torch.randint(0, 300, (1, 9))
     with torch.no_grad():
         assert (net.llm(ids) - ref(input_ids=ids).logits).abs().max() < TOL
@@ -476,8 +477,8 @@ def test_official_checkpoint_layout(tmp_path):
 def test_build_vlm_from_parts(tmp_path):
     ref, llm_path = qwen_hf(tmp_path, tie=False, shard=True)
     _, siglip_path = siglip_hf(tmp_path)
-    net = M.build_vlm(siglip_path, llm_path, image_tokens=4).eval()
-    a = M.build_vlm(siglip_path, llm_path, image_tokens=4)
+    net = W.build_vlm(siglip_path, llm_path, image_tokens=4).eval()
+    a = W.build_vlm(siglip_path, llm_path, image_tokens=4)
     assert torch.equal(net.projector.fc1.weight, a.projector.fc1.weight)  # seeded like the official init
     prompt = [[1, M.IMAGE_ID, 5, 6]]
     assert len(net.generate(prompt, torch.randn(1, 3, 32, 32), max_new_tokens=3)[0]) == 3
@@ -534,10 +535,10 @@ def test_siglip_configs_from_sparse_hf_json():
             "num_attention_heads": 16, "num_hidden_layers": 27}
     full_vision = transformers.SiglipVisionConfig(**vision).to_dict()
     full_text = transformers.SiglipTextConfig(**text).to_dict()
-    assert M.VisionConfig.from_hf(vision) == M.VisionConfig.from_hf(full_vision)
-    assert M.TextConfig.from_hf(text) == M.TextConfig.from_hf(full_text)
-    assert M.VisionConfig.from_hf(vision) == M.VisionConfig(use_head=True)  # so400m, tanh GELU as HF says
-    assert M.TextConfig.from_hf(text).projection_size == 1152  # defaults to the width
+    assert W.vision_config(vision) == W.vision_config(full_vision)
+    assert W.text_config(text) == W.text_config(full_text)
+    assert W.vision_config(vision) == M.VisionConfig(use_head=True)  # so400m, tanh GELU as HF says
+    assert W.text_config(text).projection_size == 1152  # defaults to the width
 
 
 def test_load_image_palette_transparency_on_white():
