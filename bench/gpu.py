@@ -256,13 +256,26 @@ def attention(ctx: Ctx, res: dict):
                 o.sum().backward()
         return go
 
+    from torch.nn.attention.flex_attention import create_block_mask
+    doc = torch.stack([torch.repeat_interleave(torch.arange(len(d)), torch.tensor(d)) for d in lens]).to(dev)
+    for name, fn in (("block_mask_eager", create_block_mask), ("block_mask_compiled", M._create_block_mask)):
+        if ctx.cuda:
+            torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated() if ctx.cuda else 0
+        res[name + "_ms"] = ctx.time(lambda fn=fn: fn(lambda b, h, i, j: (doc[b, i] == doc[b, j]) & (i >= j), B, None,
+                                                      T, T, device=dev), reps=3) * 1e3
+        say("attention", name, res[name + "_ms"], "ms")
+        if ctx.cuda:
+            res[name + "_mib"] = (torch.cuda.max_memory_allocated() - before) / 2**20
+            say("attention", name + " peak extra memory", res[name + "_mib"], "MiB")
     causal_mask = M._create_block_mask(lambda b, h, i, j: i >= j, B, None, T, T, device=dev)
     cases = {"sdpa_causal": lambda: M.attend(q, k, v, M.Attention("causal")),
              "flex_causal": lambda: M.attend(q, k, v, M.Attention("flex", block_mask=causal_mask)),
              "flex_docs": lambda: M.attend(q, k, v, flex_docs),
              "docs_loop": lambda: M.attend(q, k, v, M.make_attention(lens, dev, "docs"))}
     varlen = _varlen()
-    if varlen is not None and ctx.cuda:  # one packed sequence per document, flash-attention's varlen kernel
+    if varlen is not None and ctx.cuda:  # one sequence per document, flash-attention's varlen kernel; last: its
+        # signature changed between torch 2.10 (is_causal) and 2.12 (window_size, enable_gqa)
         ends = torch.tensor([x for d in lens for x in d]).cumsum(0)
         cu = torch.cat([torch.zeros(1, dtype=ends.dtype), ends]).to(dev, torch.int32)
         longest = max(x for d in lens for x in d)
@@ -280,18 +293,6 @@ def attention(ctx: Ctx, res: dict):
     for name, fn in cases.items():
         res[name + "_ms"] = ctx.time(step(fn)) * 1e3
         say("attention", name + (" fwd+bwd" if ctx.cuda else " fwd"), res[name + "_ms"], "ms")
-    from torch.nn.attention.flex_attention import create_block_mask
-    doc = torch.stack([torch.repeat_interleave(torch.arange(len(d)), torch.tensor(d)) for d in lens]).to(dev)
-    for name, fn in (("block_mask_eager", create_block_mask), ("block_mask_compiled", M._create_block_mask)):
-        if ctx.cuda:
-            torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated() if ctx.cuda else 0
-        res[name + "_ms"] = ctx.time(lambda fn=fn: fn(lambda b, h, i, j: (doc[b, i] == doc[b, j]) & (i >= j), B, None,
-                                                      T, T, device=dev), reps=3) * 1e3
-        say("attention", name, res[name + "_ms"], "ms")
-        if ctx.cuda:
-            res[name + "_mib"] = (torch.cuda.max_memory_allocated() - before) / 2**20
-            say("attention", name + " peak extra memory", res[name + "_mib"], "MiB")
 
 
 THROUGHPUT = [("doc_mask_ac", []), ("causal_ac", ["--no-doc-mask"]), ("doc_mask_no_ac", ["--no-ac"])]
@@ -358,7 +359,8 @@ def main(argv=None) -> dict:
     os.makedirs(out, exist_ok=True)
     ctx = Ctx(cfg)
     os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")  # one process on one machine: loopback always works
-    torch._dynamo.config.cache_size_limit = 64  # every section compiles at its own shapes; never fall back to eager
+    dyn = torch._dynamo.config  # every section compiles at its own shapes: never fall back to eager for that
+    setattr(dyn, "recompile_limit" if hasattr(dyn, "recompile_limit") else "cache_size_limit", 64)
     print(f"gpu check: {', '.join(names)} on {ctx.device}{' (smoke)' if cfg.smoke else ''}; estimates on one H200: "
           + ", ".join(f"{n} ~{SECTIONS[n][1]} s (cap {SECTIONS[n][2]})" for n in names)
           + f"; total ~{sum(SECTIONS[n][1] for n in names) / 60:.1f} min, at most "
