@@ -119,7 +119,8 @@ def interleaved_tokens(tok: Tokenizer, items: list[str | None]) -> list[int]:
 SYSTEM_PROMPT = "You are a helpful assistant."
 
 
-def chat_tokens(tok: Tokenizer, turns: list[dict], style: str = "qwen2") -> tuple[list[int], list[int]]:
+def chat_tokens(tok: Tokenizer, turns: list[dict], style: str = "qwen2", system: str | None = None,
+                generation_prompt: bool = False) -> tuple[list[int], list[int]]:
     """SFT conversation (LLaVA format: [{"from": "human"|"gpt", "value": str}, ...]) -> (ids, targets-before-shift).
     Only assistant replies and their end markers are supervised; `labels[i]` is IGNORE or ids[i].
 
@@ -129,7 +130,11 @@ def chat_tokens(tok: Tokenizer, turns: list[dict], style: str = "qwen2") -> tupl
       5e3cb34, §1.8): image first, then `\\n<s>`, no `<|im_start|>` before `assistant`, no newline after it:
       [image]\\n<s><|im_start|>system\\n{sys}<|im_end|>\\n<|im_start|>user\\n\\n{q}<|im_end|>assistant{a}<|im_end|>\\n
       Supported so that fine-tuning or evaluating the released weights uses the format they saw.
+    `system` replaces the default system prompt; generation_prompt=True: the turns end with a question and the ids
+    end after the assistant header (what a model answers from).
     """
+    if generation_prompt and len(turns) % 2 == 0:
+        raise ValueError("generation_prompt=True needs the turns to end with a human turn")
     if style not in ("qwen2", "release"):
         raise ValueError(f"unknown chat style {style!r} (qwen2 or release)")
     ids, labels = [], []
@@ -143,7 +148,7 @@ def chat_tokens(tok: Tokenizer, turns: list[dict], style: str = "qwen2") -> tupl
         if n_images != 1:
             raise ValueError("style='release' supports exactly one image per conversation")
         add([IMAGE_ID] + tok.encode("\n"), False)
-    add([tok.bos_id, tok.im_start_id] + tok.encode(f"system\n{SYSTEM_PROMPT}") + [tok.eos_id] + tok.encode("\n"),
+    add([tok.bos_id, tok.im_start_id] + tok.encode(f"system\n{SYSTEM_PROMPT if system is None else system}") + [tok.eos_id] + tok.encode("\n"),
         False)
     for k, turn in enumerate(turns):
         role = turn.get("from")
@@ -678,10 +683,13 @@ class VLM(nn.Module):
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], pixel_values=None, max_new_tokens: int = 16, stop_ids=(),
-                 temperature: float = 0.0, top_p: float = 1.0, seed: int = 0) -> list[list[int]]:
+                 temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, keep_stop: bool = False,
+                 callback=None) -> list[list[int]]:
         """Batched decoding with a KV cache. Prompts hold one IMAGE_ID per image (images in order across the
         batch); they are left-padded. Greedy at temperature 0, else sampled (nucleus top_p, seeded). Returns the new
-        tokens of each prompt, without the stop token that ended it."""
+        tokens of each prompt, without the stop token that ended it (keep_stop=True keeps it, so the caller sees which
+        stop id ended each sequence). `callback(tokens, logits)`, if given, sees each step's (B,) tokens and (B, V)
+        logits: streaming, or the first position's likelihoods."""
         dev = self.llm.embed_tokens.weight.device
         prompts = [expand_images(np.asarray(p, dtype=np.int64), self.config.image_tokens) for p in prompts]
         B, L = len(prompts), max(map(len, prompts))
@@ -715,10 +723,12 @@ class VLM(nn.Module):
                 p_sorted, idx = probs.sort(-1, descending=True)
                 p_sorted[(p_sorted.cumsum(-1) - p_sorted) > top_p] = 0  # keep the smallest set with mass >= top_p
                 tok = idx.gather(-1, torch.multinomial(p_sorted, 1, generator=gen))[:, 0]
+            if callback is not None:
+                callback(tok, logits)
             for b, t in enumerate(tok.tolist()):
                 if not done[b]:
                     done[b] = t in stop_ids
-                    out[b] += [] if done[b] else [t]
+                    out[b] += [] if done[b] and not keep_stop else [t]
             if all(done) or step == max_new_tokens - 1:
                 break
             keys[:, cache.length] = True
