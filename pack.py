@@ -9,6 +9,7 @@ For each input shard NAME.tar, one worker process writes:
     DIR/NAME.tar         one sample per row, KEY = the row index, 6 digits:
                            KEY.json            {"doc_lengths", "keys", "uids"}: one entry per document, in row order
                            KEY.input_ids.npy   int32 ids, ONE IMAGE_ID (-200) per image (not expanded)
+                           KEY.labels.npy      (sft.py's rows only) int32, IGNORE where unsupervised
                            KEY.NNNN.EXT        the row's images, original bytes, in IMAGE_ID order
     DIR/NAME.stats.json  counts, settings and row offsets, written last: without it the shard is unfinished
 and when all are done, DIR/stats.json with the totals. Files are written under temporary names and renamed, so a
@@ -186,6 +187,7 @@ class Doc:
     uid: object  # the json's uid as it is (DataComp: 32 hex digits), or None
     ids: list[int]  # model.py's pre-training format, one IMAGE_ID per image
     images: list  # per IMAGE_ID: (ext, bytes), or (ext, where in the source tar: a slice), read again when written
+    labels: list[int] | None = None  # SFT: per id, IGNORE where unsupervised; None: the ids (pre-training)
 
 
 def read_doc(key: str, members: dict, tok: Tokenizer, counts: Counter) -> Doc | str:
@@ -328,6 +330,26 @@ def tar_member(name: str, data: bytes) -> bytes:
     return bytes(h) + data + bytes(-len(data) % 512)
 
 
+def write_rows(out_dir: str, name: str, rows: list[list[Doc]], source=b"") -> tuple[str, list[int]]:
+    """Rows of Docs -> out_dir/name.tar, atomically (an image given as a slice is read from `source`); sft.py's too."""
+    path, tmp, offsets = os.path.join(out_dir, name + ".tar"), os.path.join(out_dir, f".{name}.tar.tmp"), []
+    with open(tmp, "wb") as f:
+        for r, ds in enumerate(rows):  # ds: the row's documents
+            offsets.append(f.tell())
+            meta = {"doc_lengths": [len(d.ids) for d in ds], "keys": [d.key for d in ds], "uids": [d.uid for d in ds]}
+            f.write(tar_member(f"{r:06d}.json", json.dumps(meta).encode()))
+            labels = None if all(d.labels is None for d in ds) else [t for d in ds for t in d.labels or d.ids]
+            for member, values in (("input_ids", [t for d in ds for t in d.ids]), ("labels", labels)):
+                if values is not None:  # labels: SFT rows only
+                    np.lib.format.write_array(buf := io.BytesIO(), np.array(values, np.int32), allow_pickle=False)
+                    f.write(tar_member(f"{r:06d}.{member}.npy", buf.getvalue()))
+            for j, (ext, image) in enumerate(im for d in ds for im in d.images):
+                f.write(tar_member(f"{r:06d}.{j:04d}.{ext}", source[image] if isinstance(image, slice) else image))
+        f.write(bytes(1024))  # end of archive
+    os.replace(tmp, path)  # atomic; after a crash a torn tar fails the size check against its stats
+    return path, offsets
+
+
 def pack_shard(src: str, out_dir: str, name: str, cfg: PackConfig, tok: Tokenizer, settings: dict) -> dict:
     """Pack one input shard into out_dir/name.tar, then write out_dir/name.stats.json. Returns the stats."""
     T, C = cfg.image_tokens, cfg.seq_len
@@ -351,20 +373,8 @@ def pack_shard(src: str, out_dir: str, name: str, cfg: PackConfig, tok: Tokenize
     lengths = [len(d.ids) + (T - 1) * len(d.images) for d in docs]
     rows = PACKERS[cfg.method](lengths, C)  # rows come out by their longest document: shuffle, by a fixed hash
     rows = [rows[r] for r in sorted(range(len(rows)), key=lambda r: hashlib.sha1(f"{name}/{r}".encode()).digest())]
-    path, tmp, offsets = os.path.join(out_dir, name + ".tar"), os.path.join(out_dir, f".{name}.tar.tmp"), []
-    with _mapped(src) as source, open(tmp, "wb") as f:
-        for r, ds in enumerate([docs[i] for i in row] for row in rows):  # ds: the row's documents
-            offsets.append(f.tell())
-            meta = {"doc_lengths": [len(d.ids) for d in ds], "keys": [d.key for d in ds], "uids": [d.uid for d in ds]}
-            f.write(tar_member(f"{r:06d}.json", json.dumps(meta).encode()))
-            ids, buf = np.array([t for d in ds for t in d.ids], np.int32), io.BytesIO()
-            np.lib.format.write_array(buf, ids, allow_pickle=False)
-            f.write(tar_member(f"{r:06d}.input_ids.npy", buf.getvalue()))
-            for j, (ext, image) in enumerate(im for d in ds for im in d.images):
-                f.write(tar_member(f"{r:06d}.{j:04d}.{ext}", source[image] if isinstance(image, slice) else image))
-        f.write(bytes(1024))  # end of archive
-    os.replace(tmp, path)  # atomic; after a crash a torn tar fails the size check against its stats
-
+    with _mapped(src) as source:
+        path, offsets = write_rows(out_dir, name, [[docs[i] for i in row] for row in rows], source)
     stats = {"source": src, "samples_in": len(samples), "docs_out": len(docs), "rows": len(rows),
              "tokens": sum(lengths), "fill": sum(lengths) / (len(rows) * C) if rows else 0.0,
              "skipped": dict(sorted(skipped.items())), "truncated_docs": counts["truncated_docs"],
@@ -397,9 +407,9 @@ def packed_shards(out_dir: str) -> list[tuple[str, int]]:
 
 
 def iter_rows(shard_path: str, start: int = 0):
-    """Rows of one finished shard from row `start` on (a seek, not a scan): dicts with input_ids (int32 array),
-    doc_lengths, keys, uids, images (list of bytes), and shard and row for bookkeeping."""
-    stats = _shard_stats(shard_path)
+    """Rows of one finished shard from row `start` on (a seek, not a scan): dicts with input_ids (int32 array), labels
+    (int32; pre-training rows have none on disk: their ids), doc_lengths, keys, uids, images (bytes), shard and row."""
+    stats, name = _shard_stats(shard_path), os.path.basename(shard_path)
     if stats is None:
         raise FileNotFoundError(f"{shard_path} is not a finished packed shard")
     if start >= stats["rows"]:
@@ -409,16 +419,16 @@ def iter_rows(shard_path: str, start: int = 0):
             raise ValueError(f"{shard_path}: broken at row {row}: {members}")
         m = {ext: data for ext, (data, _) in members.items()}
         meta, ids = json.loads(m.pop("json")), np.load(io.BytesIO(m.pop("input_ids.npy")), allow_pickle=False)
+        labels = np.load(io.BytesIO(m.pop("labels.npy")), allow_pickle=False) if "labels.npy" in m else ids
         images = [m[e] for e in sorted(m, key=lambda e: int(e.partition(".")[0]))]
-        if sum(meta["doc_lengths"]) != len(ids) or int((ids == IMAGE_ID).sum()) != len(images):
+        if len({sum(meta["doc_lengths"]), len(ids), len(labels)}) > 1 or int((ids == IMAGE_ID).sum()) != len(images):
             raise ValueError(f"{shard_path}: row {row} is inconsistent")
-        yield {"input_ids": ids, **meta, "images": images, "shard": os.path.basename(shard_path), "row": row}
+        yield {"input_ids": ids, "labels": labels, **meta, "images": images, "shard": name, "row": row}
 
 
 def read_packed(out_dir: str):
     """Every row of every finished shard in out_dir: shards in name order, rows in order."""
-    for path, _ in packed_shards(out_dir):
-        yield from iter_rows(path)
+    return (row for path, _ in packed_shards(out_dir) for row in iter_rows(path))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -462,7 +472,6 @@ def main(argv: list[str] | None = None) -> dict:
               "reads them too", file=sys.stderr)
     if todo and os.path.exists(os.path.join(out, "stats.json")):
         os.remove(os.path.join(out, "stats.json"))  # it describes a finished run; this one is not, yet
-
     workers = max(1, min(cfg.workers or len(os.sched_getaffinity(0)), len(todo)))
     print(f"pack: {len(sources)} shards, {len(sources) - len(todo)} already done, {workers} workers", file=sys.stderr)
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core per worker: the processes are the parallelism
@@ -473,7 +482,6 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"pack: {done}/{len(todo)} shards, {samples / dt:,.0f} samples/s, "
                   f"ETA {dt / done * (len(todo) - done) / 60:.1f} min", file=sys.stderr,
                   end="\r" if sys.stderr.isatty() and done < len(todo) else "\n")
-
     shards = [_shard_stats(os.path.join(out, n + ".tar")) for n in names]
     total = {k: sum(s[k] for s in shards) for k in ("samples_in", "docs_out", "rows", "tokens", "images",
                                                     "truncated_docs", "dropped_images")}

@@ -50,6 +50,7 @@ class Config:
     warmup: float = 0.03  # share of steps with linear warmup, then cosine to 0
     clip: float = 1.0
     train_vision: bool = False
+    vision_lr: float = 0.0  # with --train-vision: the tower's peak lr; 0 = --lr
     doc_mask: bool = True  # False = the paper's plain causal attention and positions over whole packed rows
     attention: str = "auto"  # auto | flex | docs | mask (how document masking is computed)
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
@@ -68,6 +69,9 @@ class Config:
     token_budget: float = 5e9  # dry run: tokens to train on (the paper: 5B)
     gpu_tflops: float = 312.0  # dry run: peak bf16 TFLOP/s of one GPU (A100: 312)
     gpu_mfu: float = 0.4  # dry run: assumed MFU
+
+    def final_meta(self) -> dict:  # what final/config.json records besides the model and the stage (sft.py: its chat)
+        return {}
 
 
 PRESETS = {
@@ -118,22 +122,31 @@ class Rows:
 
 
 def make_batch(rows: list[dict], cfg: Config, image_size: int, pad_id: int) -> dict:
-    """Decode and squash images to uint8 (4x less to move than float), expand and pad token rows, and count what
-    the loss and the logs need. An image that fails to decode becomes black and is counted, never silent."""
-    pixels, bad = [], 0
-    for row in rows:
-        for data in row["images"]:
+    """Decode and squash images to uint8 (4x less to move than float), expand and pad token rows (to seq_len; with
+    sft.py --no-pack, to the batch's longest row), and count what the loss and the logs need. A document with an
+    image that fails to decode trains on nothing: zero pixels stand in for the image (the shapes must hold), all its
+    targets are IGNORE, and it is counted (bad_docs). Both stages: never supervised text about a black image."""
+    pixels, bad, n_bad = [], set(), 0  # bad: (row, document) pairs
+    for r, row in enumerate(rows):
+        ids = np.asarray(row["input_ids"])
+        doc_of_image = np.repeat(np.arange(len(row["doc_lengths"])), row["doc_lengths"])[ids == M.IMAGE_ID]
+        for data, d in zip(row["images"], doc_of_image.tolist()):
             try:
                 pixels.append(M.image_to_uint8(M.load_image(data), image_size))
             except Exception:
                 pixels.append(torch.zeros(3, image_size, image_size, dtype=torch.uint8))
-                bad += 1
-    b = M.collate_rows(rows, cfg.image_tokens, cfg.seq_len, pad_id)
+                bad, n_bad = bad | {(r, d)}, n_bad + 1
+    width = cfg.seq_len if getattr(cfg, "pack", True) else \
+        max(len(r["input_ids"]) + (cfg.image_tokens - 1) * len(r["images"]) for r in rows)
+    b = M.collate_rows(rows, cfg.image_tokens, width, pad_id)
+    for r, d in bad:
+        start = sum(b["doc_lens"][r][:d])
+        b["targets"][r, start: start + b["doc_lens"][r][d]] = M.IGNORE
     docs = [d[: len(r["doc_lengths"])] for d, r in zip(b["doc_lens"], rows)]  # without the padding segment
     pairs = sum(sum(n * (n + 1) // 2 for n in d) if cfg.doc_mask else sum(d) * (sum(d) + 1) // 2 for d in docs)
     b.update(pixels=torch.stack(pixels) if pixels else torch.zeros(0, 3, image_size, image_size, dtype=torch.uint8),
              n_sup=int((b["targets"] != M.IGNORE).sum()), n_tokens=sum(map(sum, docs)), n_images=len(pixels),
-             bad_images=bad, attn_pairs=pairs, rows=[(r["shard"], r["row"]) for r in rows])
+             bad_images=n_bad, bad_docs=len(bad), attn_pairs=pairs, rows=[(r["shard"], r["row"]) for r in rows])
     return b
 
 
@@ -165,7 +178,7 @@ class MicroBatches(torch.utils.data.IterableDataset):
 
 def build_model(cfg: Config, vocab: int, device) -> M.VLM:
     if cfg.init:
-        net = M.VLM.from_pretrained(cfg.init, image_tokens=cfg.image_tokens)
+        net = W.load_vlm(cfg.init, cfg.vision or None, cfg.llm or None, image_tokens=cfg.image_tokens)
     elif cfg.vision and cfg.llm:
         net = W.build_vlm(cfg.vision, cfg.llm, cfg.image_tokens, act=cfg.vision_act)
     else:  # random init, identical on every rank (same seed, full model), so any world size starts the same
@@ -362,7 +375,9 @@ def git_commit() -> str:
         return "unknown"
 
 
-def main(argv=None, config_cls=Config, presets=PRESETS, stage="pretrain"):
+def main(argv=None, config_cls=Config, presets=PRESETS, stage="pretrain", prepare=None):
+    """`prepare(cfg, rank) -> (packed dir, tokenizer path)` is the stage's data step (run on every rank, before the
+    model is built); pre-training's is resolve_data, sft.py's prepares its conversation rows. The loop is the same."""
     cfg = M.parse_config(config_cls, argv, presets)
     if cfg.global_batch % cfg.micro_batch:
         raise SystemExit(f"global batch {cfg.global_batch} is not a multiple of micro batch {cfg.micro_batch}")
@@ -370,13 +385,13 @@ def main(argv=None, config_cls=Config, presets=PRESETS, stage="pretrain"):
         raise SystemExit("--attention docs recompiles under --compile at every batch: use flex (GPU) or mask")
     rank, world, device = setup()
     try:
-        return run(cfg, rank, world, device, stage)
+        return run(cfg, rank, world, device, stage, prepare or resolve_data)
     finally:
         dist.destroy_process_group()
 
 
-def run(cfg, rank, world, device, stage):
-    data_dir, tok_path = resolve_data(cfg, rank) if not cfg.dry_run else ("", cfg.tokenizer)
+def run(cfg, rank, world, device, stage, prepare=resolve_data):
+    data_dir, tok_path = prepare(cfg, rank) if not cfg.dry_run else ("", cfg.tokenizer)
     tok = M.Tokenizer(tok_path) if tok_path else None
     if cfg.dry_run:
         return dry_run(cfg, len(tok) if tok else 4096)
@@ -395,10 +410,13 @@ def run(cfg, rank, world, device, stage):
     mcfg, image_size = net.config, net.config.vision.image_size
     net = shard_model(net, cfg, dtype)
     params = [p for p in net.parameters() if p.requires_grad]
-    decay = [p for n, p in net.named_parameters() if p.requires_grad and p.ndim >= 2 and not n.endswith("bias")]
-    no_decay = [p for n, p in net.named_parameters() if p.requires_grad and (p.ndim < 2 or n.endswith("bias"))]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8,
+    groups = {}  # (vision?, decayed?) -> params; no decay on biases and <= 1-D params; --vision-lr for the tower
+    for n, p in net.named_parameters():
+        if p.requires_grad:
+            groups.setdefault((n.startswith("vision."), p.ndim >= 2 and not n.endswith("bias")), []).append(p)
+    opt = torch.optim.AdamW([{"params": ps, "weight_decay": cfg.weight_decay * decay,
+                              "lr_scale": cfg.vision_lr / cfg.lr if vision and cfg.vision_lr else 1.0}
+                             for (vision, decay), ps in groups.items()], lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8,
                             fused=device.type == "cuda")  # one kernel for all params, not a foreach per DTensor
     rows = Rows(data_dir, cfg.seed)
     total = cfg.steps or -(-rows.total // cfg.global_batch)
@@ -442,11 +460,11 @@ def run(cfg, rank, world, device, stage):
         t0 = time.perf_counter()
         micro = [next(batches) for _ in range(accum)]
         t_data = time.perf_counter() - t0
-        counts = [sum(b[k] for b in micro) for k in ("n_sup", "n_tokens", "n_images", "bad_images")]
+        counts = [sum(b[k] for b in micro) for k in ("n_sup", "n_tokens", "n_images", "bad_images", "bad_docs")]
         counts = torch.tensor(counts + [sum(flops(mcfg, b, cfg.train_vision) for b in micro)], dtype=torch.float64,
                               device=device)
         dist.all_reduce(counts)  # with the .tolist(): one host sync per step, while the GPU is idle between steps
-        n_sup, n_tokens, n_images, bad, f = counts.tolist()
+        n_sup, n_tokens, n_images, bad, bad_docs, f = counts.tolist()
         where = f"step {step} (rows from {step * cfg.global_batch}, first micro-batch at {micro[0]['rows'][0]})"
         if n_sup == 0:
             raise RuntimeError(f"{where}: no supervised tokens in the whole step")
@@ -468,15 +486,16 @@ def run(cfg, rank, world, device, stage):
             raise RuntimeError(f"{where}: non-finite loss {loss_val} or grad norm {gnorm_val}")
         lr = lr_at(step, total, cfg)
         for g in opt.param_groups:
-            g["lr"] = lr
+            g["lr"] = lr * g["lr_scale"]
         opt.step()
         opt.zero_grad(set_to_none=True)
         if device.type == "cuda":
             torch.cuda.synchronize()  # the step's time includes the optimizer's kernels
         dt = time.perf_counter() - t0
         history.append({"step": step + 1, "loss": loss_val, "lr": lr, "grad_norm": gnorm_val, "tokens": int(n_tokens),
-                        "supervised": int(n_sup), "images": int(n_images), "bad_images": int(bad), "time": dt,
-                        "data_wait": t_data / dt, "mfu": f / dt / spec, "mfu_measured": f / dt / measured})
+                        "supervised": int(n_sup), "images": int(n_images), "bad_images": int(bad),
+                        "bad_docs": int(bad_docs), "time": dt, "data_wait": t_data / dt, "mfu": f / dt / spec,
+                        "mfu_measured": f / dt / measured})
         if rank == 0 and cfg.save:
             with open(metrics_path, "a") as fh:
                 fh.write(json.dumps(history[-1]) + "\n")
@@ -489,7 +508,7 @@ def run(cfg, rank, world, device, stage):
                                                           "config": dataclasses.asdict(cfg), "commit": git_commit()},
                             cfg.keep)
     if cfg.save:
-        save_final(net, mcfg, cfg, tok_path)
+        save_final(net, mcfg, cfg, tok_path, stage)
     return history
 
 
@@ -507,13 +526,17 @@ def log_line(window, step, total, start, t_start, device):
            f"data {np.mean([r['data_wait'] for r in window]):.0%} | eta {eta / 60:.1f}m")
 
 
-def save_final(net, mcfg: M.VLMConfig, cfg: Config, tok_path: str):
-    """The plain VLM (model.py's safetensors format) that sft.py and eval.py load, with its tokenizer."""
+def save_final(net, mcfg: M.VLMConfig, cfg: Config, tok_path: str, stage: str = "pretrain"):
+    """The plain VLM (model.py's safetensors format) that sft.py and eval.py load, with its tokenizer; its
+    config.json also records the stage and what cfg.final_meta() adds (loaders read only the model's fields)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     state = get_model_state_dict(net, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if dist.get_rank() == 0:
         final = os.path.join(cfg.out, "final")
         M.save_vlm(final, mcfg, {k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+        with open(path := os.path.join(final, "config.json")) as f:
+            saved = json.load(f)
+        M.write_json(path, {**saved, "stage": stage, **cfg.final_meta()})
         shutil.copyfile(tok_path, os.path.join(final, "tokenizer.json"))
         print0(f"saved {final}")
     dist.barrier()
