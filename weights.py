@@ -237,6 +237,73 @@ def load_siglip(src: str, dtype=None) -> Siglip:
     return load_into(model, read_tensors(d), key_map, dtype)
 
 
+# The writer beside the reader: a Siglip saved here loads with load_siglip and with transformers' SiglipModel. Ours ->
+# HF names, (our name, HF name); the fused q/k/v is split back into three tensors.
+_HF_BLOCK = [(r"blocks\.(\d+)\.norm([12])\.", r"encoder.layers.\1.layer_norm\2."),
+             (r"blocks\.(\d+)\.qkv\.", r"encoder.layers.\1.self_attn.{}_proj."),
+             (r"blocks\.(\d+)\.proj\.", r"encoder.layers.\1.self_attn.out_proj."),
+             (r"blocks\.(\d+)\.(fc[12])\.", r"encoder.layers.\1.mlp.\2.")]
+_HF_NAMES = {"vision.": ("vision_model.", _HF_BLOCK + [
+    (r"patch_embed\.", "embeddings.patch_embedding."), (r"pos_embed", "embeddings.position_embedding.weight"),
+    (r"post_norm\.", "post_layernorm."), (r"head\.in_proj\.(weight|bias)", r"head.attention.in_proj_\1"),
+    (r"head\.out_proj\.", "head.attention.out_proj."), (r"head\.norm\.", "head.layernorm."),
+    (r"head\.(fc[12])\.", r"head.mlp.\1.")]),
+    "text.": ("text_model.", _HF_BLOCK + [
+        (r"token_embed\.", "embeddings.token_embedding."), (r"pos_embed", "embeddings.position_embedding.weight"),
+        (r"final_norm\.", "final_layer_norm.")])}
+_HF_ACT = {"gelu_tanh": "gelu_pytorch_tanh", "gelu": "gelu"}
+
+
+def siglip_hf_config(model: Siglip, pad_id: int, eos_id: int) -> dict:
+    """transformers' SiglipConfig dict of `model` (the inverse of vision_config/text_config)."""
+    v, t = model.vision.config, model.text  # SiglipText keeps no config: read it off the modules
+    t = TextConfig(t.token_embed.num_embeddings, t.final_norm.normalized_shape[0], t.blocks[0].fc1.out_features,
+                   len(t.blocks), t.blocks[0].heads, t.pos_embed.shape[0], t.head.out_features, t.final_norm.eps,
+                   t.blocks[0].act)
+    common = lambda c: dict(hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,  # noqa: E731
+                            num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads, layer_norm_eps=c.eps,
+                            hidden_act=_HF_ACT[c.act])
+    return {"model_type": "siglip", "architectures": ["SiglipModel"],
+            "vision_config": {"model_type": "siglip_vision_model", "image_size": v.image_size,
+                              "patch_size": v.patch_size, "num_channels": 3, "vision_use_head": v.use_head,
+                              **common(v)},
+            "text_config": {"model_type": "siglip_text_model", "vocab_size": t.vocab_size,
+                            "max_position_embeddings": t.max_positions, "projection_size": t.projection_size,
+                            "pad_token_id": pad_id, "eos_token_id": eos_id, "bos_token_id": None, **common(t)}}
+
+
+def save_siglip(out_dir: str, model: Siglip, tokenizer: str, pad: tuple[str, int], eos: tuple[str, int]):
+    """HF SigLIP layout: config.json (vision and text configs), model.safetensors (HF names), preprocessor_config.json,
+    the tokenizer (a tokenizer.json, or a SentencePiece spiece.model) and its tokenizer_config.json; pad and eos are
+    the tokenizer's (token, id). Each file is written to a temp name and renamed; config.json last."""
+    import shutil
+
+    from safetensors.torch import save_file
+    os.makedirs(out_dir, exist_ok=True)
+    state = {}
+    for name, t in model.state_dict().items():
+        prefix, rest = name.split(".", 1) if "." in name else ("", name)
+        hf_prefix, rules = _HF_NAMES.get(prefix + ".", ("", []))
+        rx, repl = next(((rx, repl) for rx, repl in rules if re.match(rx, rest)), (None, None))
+        hf = hf_prefix + (re.sub("^" + rx, repl, rest) if rx else rest)
+        for part, piece in zip("qkv", t.chunk(3)) if ".qkv." in name else [("", t)]:
+            state[hf.format(part)] = piece.detach().float().contiguous().cpu()
+    save_file(state, os.path.join(out_dir, ".model.safetensors.tmp"), metadata={"format": "pt"})
+    os.replace(os.path.join(out_dir, ".model.safetensors.tmp"), os.path.join(out_dir, "model.safetensors"))
+    sp = tokenizer.endswith(".model")
+    shutil.copyfile(tokenizer, os.path.join(out_dir, ".tok.tmp"))
+    os.replace(os.path.join(out_dir, ".tok.tmp"), os.path.join(out_dir, "spiece.model" if sp else "tokenizer.json"))
+    tok_cfg = {"tokenizer_class": "SiglipTokenizer" if sp else "PreTrainedTokenizerFast", "pad_token": pad[0],
+               "eos_token": eos[0], "model_max_length": model.text.pos_embed.shape[0]}
+    M.write_json(os.path.join(out_dir, "tokenizer_config.json"), tok_cfg)
+    size = model.vision.config.image_size
+    M.write_json(os.path.join(out_dir, "preprocessor_config.json"), {
+        "image_processor_type": "SiglipImageProcessor", "do_resize": True, "size": {"height": size, "width": size},
+        "resample": 3, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+        "image_mean": [0.5] * 3, "image_std": [0.5] * 3})
+    M.write_json(os.path.join(out_dir, "config.json"), siglip_hf_config(model, pad[1], eos[1]))
+
+
 def build_vlm(vision: str, llm: str, image_tokens: int = 144, act: str | None = None, dtype=None) -> VLM:
     """The pre-training start (§3.1): pretrained SigLIP and Qwen2 (local dirs or hub ids), a fresh projector."""
     v, q = load_vision(vision, act=act, dtype=dtype), load_qwen(llm, dtype=dtype)
