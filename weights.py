@@ -294,7 +294,8 @@ def save_siglip(out_dir: str, model: Siglip, tokenizer: str, pad: tuple[str, int
     shutil.copyfile(tokenizer, os.path.join(out_dir, ".tok.tmp"))
     os.replace(os.path.join(out_dir, ".tok.tmp"), os.path.join(out_dir, "spiece.model" if sp else "tokenizer.json"))
     tok_cfg = {"tokenizer_class": "SiglipTokenizer" if sp else "PreTrainedTokenizerFast", "pad_token": pad[0],
-               "eos_token": eos[0], "model_max_length": model.text.pos_embed.shape[0]}
+               "eos_token": eos[0], "model_max_length": model.text.pos_embed.shape[0],
+               "model_input_names": ["input_ids"]}  # no attention_mask: SigLIP attends to its pads (the converter's)
     M.write_json(os.path.join(out_dir, "tokenizer_config.json"), tok_cfg)
     size = model.vision.config.image_size
     M.write_json(os.path.join(out_dir, "preprocessor_config.json"), {
