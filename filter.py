@@ -599,10 +599,13 @@ def reshard(cfg: ReshardConfig) -> dict:
     if os.path.isfile(pinned) and json.load(open(pinned)) != settings:
         raise SystemExit(f"reshard: {cfg.out} was made from other inputs, uids or shard size; use a new --out")
     M.write_json(pinned, settings)
-    workers = max(1, cfg.workers or len(os.sched_getaffinity(0)))
-    t0 = time.time()
+    uids = np.unique(load_uids(cfg.uids))  # sorted and unique, whatever the file was: searchsorted needs it
+    with open(os.path.join(plan_dir, ".uids.npy.tmp"), "wb") as f:
+        np.save(f, uids)
+    os.replace(os.path.join(plan_dir, ".uids.npy.tmp"), sorted_uids := os.path.join(plan_dir, "uids.npy"))
+    workers, t0 = max(1, cfg.workers or len(os.sched_getaffinity(0))), time.time()
     with multiprocessing.Pool(workers) as pool:
-        plans = pool.map(plan_shard, [(s, n, cfg.uids, plan_dir) for s, n in zip(sources, names)], chunksize=1)
+        plans = pool.map(plan_shard, [(s, n, sorted_uids, plan_dir) for s, n in zip(sources, names)], chunksize=1)
         for p in plans:
             del p["samples"]  # the workers read them again from the plan files
         # kept sample g of all inputs goes to output shard g // shard_size: the numbering depends only on the inputs
@@ -625,7 +628,7 @@ def reshard(cfg: ReshardConfig) -> dict:
     errors = sum((Counter(p["errors"]) for p in plans), Counter())
     total = {"seen": sum(p["seen"] for p in plans), "kept": sum(p["kept"] for p in plans),
              "dropped": sum(p["dropped"] for p in plans), "errors": dict(errors), "shards": len(shards),
-             "renamed": sum(s["renamed"] for s in shards), "uids_listed": len(load_uids(cfg.uids)),
+             "renamed": sum(s["renamed"] for s in shards), "uids_listed": len(uids),
              "seconds": time.time() - t0}
     assert total["seen"] == total["kept"] + total["dropped"] + sum(errors.values()), total
     assert sum(s["samples"] for s in shards) == total["kept"], "output shards do not hold every kept sample"

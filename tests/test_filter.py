@@ -311,7 +311,11 @@ def test_reshard_exact(tmp_path):
     want = {json.loads(m["json"])["uid"]: m for m in samples.values() if "json" in m and
             json.loads(m["json"])["uid"] in set(chosen)}
     assert got == want  # exactly the selected samples, each once, every member byte-identical
-    assert total["renamed"] > 0  # x/00000.tar and y/00000.tar share keys: clashes in one output shard are renamed
+    # all in one shard: the inputs share their keys, so clashes are renamed (key_1, key_2, ...) and counted
+    one = FL.main(["reshard", "--input", str(tmp_path / "x"), str(tmp_path / "y"), "--uids",
+                   str(tmp_path / "keep.npy"), "--out", str(tmp_path / "one"), "--shard-size", "1000"])
+    keys = [k for k, _ in pack.read_tar(str(tmp_path / "one" / "00000000.tar"))]
+    assert len(keys) == len(set(keys)) == 70 and one["renamed"] == sum(k.count("_") for k in keys) > 0
 
 
 def test_reshard_sigkill_then_rerun_gives_the_same_shards(tmp_path):
@@ -322,11 +326,14 @@ def test_reshard_sigkill_then_rerun_gives_the_same_shards(tmp_path):
             str(tmp_path / "keep.npy"), "--shard-size", "1", "--workers", "1", "--out"]
     subprocess.run([sys.executable, *args, str(tmp_path / "clean")], cwd=REPO, check=True, capture_output=True)
     p = subprocess.Popen([sys.executable, *args, str(tmp_path / "killed")], cwd=REPO, stderr=subprocess.DEVNULL)
-    while p.poll() is None and len([f for f in os.listdir(tmp_path / "killed") if f.endswith(".tar")]) < 10:
+    def tars():
+        d = tmp_path / "killed"
+        return len([f for f in os.listdir(d) if f.endswith(".tar")]) if os.path.isdir(d) else 0
+    while p.poll() is None and tars() < 10:
         time.sleep(0.01)
     p.send_signal(signal.SIGKILL)
     p.wait()
-    n_before = len([f for f in os.listdir(tmp_path / "killed") if f.endswith(".tar")])
+    n_before = tars()
     subprocess.run([sys.executable, *args, str(tmp_path / "killed")], cwd=REPO, check=True, capture_output=True)
     files = sorted(f for f in os.listdir(tmp_path / "clean") if f.endswith((".tar", "_stats.json")))
     n = len(uids[::2])
