@@ -1,25 +1,26 @@
 """
-Data filtering (reference.md §4; formats.md §3 MLM-Filter, §5 DataComp uids): score image-text pairs with SigLIP
-(`score`) and with the MLM-Filter judge (`mlm`), choose samples by score and by DataComp uid lists (`select`), copy
-them into new shards (`reshard`). `train` makes a small SigLIP for the toy world, where no pretrained one exists.
+Data filtering (reference.md §4; formats.md §3 MLM-Filter, §5 DataComp uids). SigLIP scores (`score`) and MLM-Filter
+scores (`mlm`) per sample, selection by score and DataComp uid lists (`select`), a byte-exact copy of the selected
+samples into new shards (`reshard`), and `train`, the toy world's SigLIP (no pretrained one exists for it).
 
-    python filter.py train --out runs/siglip-toy                            # on the toy world's pool
+    python filter.py train --out runs/siglip-toy                     # on the toy world's pool
     python filter.py score --input cache/toyworld/pool --model runs/siglip-toy --out runs/scores
     python filter.py select --scores runs/scores --top-fraction 0.9 --status success --out runs/keep.npy
     python filter.py reshard --input cache/toyworld/pool --uids runs/keep.npy --out runs/filtered
-    torchrun --nproc_per_node=8 filter.py mlm --input '/data/datacomp/{00000000..00012895}.tar' \\
-        --model weizhiwang/mlm-filter-qwen2.5-1.5b-gpt4o --out /data/scores/su
-    python filter.py select --scores /data/scores/su:85 --status success --uids dfn.npy --union --out keep.npy
+    torchrun --nproc_per_node=8 filter.py mlm --input '/data/dc/{00000000..00012895}.tar' --out /data/su \
+        --model weizhiwang/mlm-filter-qwen2.5-1.5b-gpt4o
+    python filter.py select --scores /data/su:85 --status success --uids dfn.npy --union --out keep.npy
 
-score/mlm write one SCORES/NAME.jsonl per input shard (NAME as pack.py names outputs), one line per sample, errors
-included. Under torchrun, rank r takes shards r, r + world, ... (RANK/WORLD_SIZE span all nodes); batches never cross
-shards, so the lines do not depend on the number of processes. Every output is written under a temporary name and
-renamed: a rerun skips finished shards and redoes the rest.
+score/mlm write SCORES/NAME.jsonl per input shard (NAME as pack.py names outputs), one line per sample, errors
+included. Rank r of torchrun (RANK/WORLD_SIZE, across nodes too) takes shards r, r + world, ...; batches never cross
+shards, so the lines do not depend on the process count. Outputs are written under temp names and renamed: a rerun
+skips what is finished.
 """
 from __future__ import annotations
 
 import glob
 import hashlib
+import itertools
 import json
 import math
 import multiprocessing
@@ -56,20 +57,11 @@ def read_samples(path: str):
         except ValueError:
             meta = {}
         meta = meta if isinstance(meta, dict) else {}
-        s = dict(key=key, uid=meta.get("uid"), status=meta.get("status"), caption=None, image=None, error=None)
         image = next((members[e][0] for e in pack.IMAGE_EXTS if e in members), None)
-        try:
-            s["caption"] = members["txt"][0].decode("utf-8") if "txt" in members else None
-        except UnicodeDecodeError:
-            s["error"] = "bad caption: not utf-8"
-        if image is None:
-            s["error"] = "missing image"
-        elif s["error"] is None and s["caption"] is None:
-            s["error"] = "missing caption"
-        elif s["error"] is None and not s["caption"].strip():
-            s["error"] = "empty caption"
-        s["image"] = image
-        yield s
+        caption = members["txt"][0].decode("utf-8", "replace") if "txt" in members else None
+        error = "missing image" if image is None else "missing caption" if caption is None else \
+            "empty caption" if not caption.strip() else None
+        yield dict(key=key, uid=meta.get("uid"), status=meta.get("status"), caption=caption, image=image, error=error)
 
 
 class ShardBatches(torch.utils.data.IterableDataset):
@@ -80,17 +72,13 @@ class ShardBatches(torch.utils.data.IterableDataset):
         self.path, self.batch_size, self.image_size = path, batch_size, image_size
 
     def __iter__(self):
-        info = torch.utils.data.get_worker_info()
+        info, samples = torch.utils.data.get_worker_info(), read_samples(self.path)
         w, n = (info.id, info.num_workers) if info else (0, 1)
-        batch, b = [], 0
-        for s in read_samples(self.path):
-            batch.append(s)
-            if len(batch) == self.batch_size:
-                if b % n == w:
-                    yield self.decode(batch)
-                batch, b = [], b + 1
-        if batch and b % n == w:
-            yield self.decode(batch)
+        for b in itertools.count():
+            if not (batch := list(itertools.islice(samples, self.batch_size))):
+                return
+            if b % n == w:
+                yield self.decode(batch)
 
     def decode(self, rows):
         pixels = []
@@ -118,46 +106,37 @@ SPIECE = "\u2581"  # SentencePiece's word marker
 NO_PUNCT = str.maketrans("", "", string.punctuation)
 
 
-def _token(cfg: dict, name: str, default):
-    v = cfg.get(name, default)
-    return v["content"] if isinstance(v, dict) else v
-
-
 class TextTokenizer:
     """A SigLIP checkpoint's tokenizer: `spiece.model` as transformers' SiglipTokenizer runs it (lower-case, ASCII
-    punctuation removed, whitespace collapsed, `</s>` appended, padded with `</s>`), or a `tokenizer.json` run as it
-    says (its normalizer and post-processor), padded with tokenizer_config.json's pad token. Both truncate to
-    `length` keeping the closing special token, as truncation=True does."""
+    punctuation removed, whitespace collapsed, `</s>` appended, padded with `</s>`), or a `tokenizer.json` (a dir's,
+    or the file) as it says (normalizer, post-processor), padded with tokenizer_config.json's or `pad`'s token. Both
+    truncate to `length` keeping the closing special token, as truncation=True does."""
 
     def __init__(self, src: str, length: int = 64, pad: str | None = None):
         d = src if os.path.isdir(src) else os.path.dirname(src)
-        cfg_path, self.length, self.sp = os.path.join(d, "tokenizer_config.json"), length, None
-        cfg = json.load(open(cfg_path)) if os.path.isfile(cfg_path) else {}
-        if os.path.isfile(sp := os.path.join(d, "spiece.model") if os.path.isdir(src) else src) and sp.endswith(
-                ".model"):
+        cfg = json.load(open(p)) if os.path.isfile(p := os.path.join(d, "tokenizer_config.json")) else {}
+        token = lambda k, v: x["content"] if isinstance(x := cfg.get(k, v), dict) else x  # noqa: E731
+        self.length, self.sp, self.pad = length, None, pad or token("pad_token", "</s>")
+        if os.path.isdir(src) and os.path.isfile(sp := os.path.join(d, "spiece.model")):
             import sentencepiece
-            self.sp = sentencepiece.SentencePieceProcessor(model_file=sp)
-            self.lower = cfg.get("do_lower_case", True)
             if cfg.get("additional_special_tokens"):
-                raise ValueError(f"{cfg_path}: additional_special_tokens are not supported")
-            eos, self.unk, pad = (_token(cfg, k, v) for k, v in (("eos_token", "</s>"), ("unk_token", "<unk>"),
-                                                                  ("pad_token", "</s>")))
-            self.special = {t: self.sp.piece_to_id(t) for t in (eos, self.unk, pad)}
+                raise ValueError(f"{p}: additional_special_tokens are not supported")
+            self.sp, self.lower = sentencepiece.SentencePieceProcessor(model_file=sp), cfg.get("do_lower_case", True)
+            eos, self.unk = token("eos_token", "</s>"), token("unk_token", "<unk>")
+            self.special = {t: self.sp.piece_to_id(t) for t in (eos, self.unk, self.pad)}
             self.split = re.compile("(" + "|".join(map(re.escape, sorted(self.special, key=len)[::-1])) + ")")
             self.unk_len = len(self.sp.encode(self.unk, out_type=str))
-            self.eos_id, self.pad_id = self.special[eos], self.special[pad]
-        elif os.path.isfile(tj := os.path.join(d, "tokenizer.json") if os.path.isdir(src) else src):
+            self.eos_id, self.pad_id, self.vocab_size = self.special[eos], self.special[self.pad], len(self.sp)
+        elif os.path.isfile(tj := os.path.join(src, "tokenizer.json") if os.path.isdir(src) else src):
             import tokenizers
             self.tok = tokenizers.Tokenizer.from_file(tj)
-            pad = pad or _token(cfg, "pad_token", None)
-            if pad is None or self.tok.token_to_id(pad) is None:
-                raise ValueError(f"{d}: no pad token in tokenizer_config.json, or it is not in {tj}")
-            self.pad_id, self.pad = self.tok.token_to_id(pad), pad
+            if (pad_id := self.tok.token_to_id(self.pad)) is None:
+                raise ValueError(f"{src}: pad token {self.pad!r} (tokenizer_config.json) is not in {tj}")
             self.tok.enable_truncation(length)
-            self.tok.enable_padding(length=length, pad_id=self.pad_id, pad_token=pad)
+            self.tok.enable_padding(length=length, pad_id=pad_id, pad_token=self.pad)
+            self.pad_id, self.vocab_size = pad_id, self.tok.get_vocab_size()
         else:
             raise FileNotFoundError(f"{src}: no spiece.model or tokenizer.json")
-        self.vocab_size = self.sp.get_piece_size() if self.sp else self.tok.get_vocab_size()
 
     def _pieces(self, text: str) -> list[str]:  # SiglipTokenizer._tokenize: canonicalize, then encode after <unk>
         text = re.sub(r"\s+", " ", (text.lower() if self.lower else text).translate(NO_PUNCT)).strip()
@@ -193,81 +172,77 @@ class Progress:
     def __init__(self, what: str, shards: int):
         self.what, self.shards, self.done, self.samples, self.t0 = what, shards, 0, 0, time.time()
 
-    def step(self, samples: int, extra: str = ""):
-        self.done, self.samples = self.done + 1, self.samples + samples
-        dt = time.time() - self.t0
+    def step(self, samples: int):
+        self.done, self.samples, dt = self.done + 1, self.samples + samples, time.time() - self.t0
         print(f"{self.what}: {self.done}/{self.shards} shards, {self.samples:,} samples, {self.samples / dt:,.1f} "
-              f"samples/s, ETA {dt / self.done * (self.shards - self.done) / 60:.1f} min{extra}", file=sys.stderr,
-              flush=True)
+              f"samples/s, ETA {dt / self.done * (self.shards - self.done) / 60:.1f} min", file=sys.stderr, flush=True)
 
 
-def run_shards(what: str, inputs: list[str], out: str, settings: dict, score_shard) -> dict:
-    """This rank's input shards -> out/NAME.jsonl each, skipping finished ones; settings.json pins what the lines
-    depend on, so a rerun with another model cannot mix its lines in. Returns this rank's counts."""
-    sources = pack.resolve_inputs(inputs)
-    names, (rank, world) = pack.output_names(sources), (int(os.environ.get(k, d)) for k, d in (("RANK", 0),
-                                                                                                 ("WORLD_SIZE", 1)))
+@dataclass
+class ShardsConfig:  # what score and mlm share
+    input: list[str] = field(default_factory=list)  # shards: files, dirs, globs, {a..b} (pack.py's patterns)
+    model: str = ""  # score: SigLIP in HF layout with spiece.model or tokenizer.json; mlm: the judge (load_vlm)
+    out: str = ""  # SCORES dir
+    batch_size: int = 64
+    workers: int = 2  # image-decoding processes
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
+
+
+@dataclass
+class ScoreConfig(ShardsConfig):
+    """SigLIP image-text scores: cosine similarity and sigmoid match probability, one line per sample."""
+    text_len: int = 64  # SiglipProcessor's max_length
+
+
+def run_shards(what: str, cfg, settings: dict, image_size: int, fields: tuple, score_batch) -> dict:
+    """This rank's unfinished input shards -> out/NAME.jsonl each. score_batch(rows, pixels) gives a dict of
+    `fields` (or an error) per row that decoded; settings.json pins what the lines depend on, so a rerun with another
+    model cannot mix its lines in. Returns this rank's counts."""
+    if not (cfg.input and cfg.model and cfg.out):
+        raise SystemExit(f"{what}: --input, --model and --out are required")
+    sources, out = pack.resolve_inputs(cfg.input), cfg.out
+    names, rank, world = pack.output_names(sources), int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     os.makedirs(out, exist_ok=True)
-    pinned = os.path.join(out, "settings.json")
-    if os.path.isfile(pinned) and json.load(open(pinned)) != settings:
+    if os.path.isfile(pinned := os.path.join(out, "settings.json")) and json.load(open(pinned)) != settings:
         raise SystemExit(f"{what}: {out} holds lines made with {json.load(open(pinned))}, not {settings}")
     M.write_json(pinned, settings)
     todo = [(s, n) for i, (s, n) in enumerate(zip(sources, names))
             if i % world == rank and not os.path.isfile(os.path.join(out, n + ".jsonl"))]
-    print(f"{what}: rank {rank}/{world}: {len(todo)} shards to do of {len(sources)}", file=sys.stderr)
-    counts, progress = Counter(), Progress(f"{what} rank {rank}", len(todo))
+    counts, progress = Counter(), Progress(f"{what} rank {rank}/{world}", len(todo))
     for src, name in todo:
-        lines = score_shard(src)
-        path = os.path.join(out, name + ".jsonl")
+        lines = []
+        for rows, px in shard_batches(src, cfg.batch_size, image_size, cfg.workers):
+            ok = [r for r in rows if r["error"] is None]
+            got = iter(score_batch(ok, px) if ok else [])
+            for r in rows:
+                line = {"key": r["key"], "uid": r["uid"], **dict.fromkeys(fields), "status": r["status"],
+                        "error": r["error"]}
+                lines.append({**line, **next(got)} if r["error"] is None else line)
         with open(tmp := os.path.join(out, f".{name}.jsonl.tmp"), "w") as f:
             f.writelines(json.dumps(line) + "\n" for line in lines)
-        os.replace(tmp, path)
-        errors = Counter(line["error"].split(":")[0] for line in lines if line["error"])
-        counts.update(lines=len(lines), **{f"error {k}": v for k, v in errors.items()})
+        os.replace(tmp, os.path.join(out, name + ".jsonl"))
+        counts.update(["lines"] * len(lines) + [x["error"].split(":")[0] for x in lines if x["error"]])
         progress.step(len(lines))
-    print(f"{what}: rank {rank}: {dict(counts)}", file=sys.stderr)
+    print(f"{what}: rank {rank}: {len(todo)} shards, {dict(counts)}", file=sys.stderr)
     return dict(counts)
 
 
-@dataclass
-class ScoreConfig:
-    """SigLIP image-text scores: cosine similarity and sigmoid match probability, one line per sample."""
-    input: list[str] = field(default_factory=list)  # shards: files, dirs, globs, {a..b} (pack.py's patterns)
-    model: str = ""  # SigLIP checkpoint in HF layout (local dir or hub id) with spiece.model or tokenizer.json
-    out: str = ""  # SCORES dir
-    batch_size: int = 64
-    workers: int = 2  # image-decoding processes
-    text_len: int = 64  # SiglipProcessor's max_length
-    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
-
-
 def score(cfg: ScoreConfig) -> dict:
-    if not (cfg.input and cfg.model and cfg.out):
-        raise SystemExit("score: --input, --model and --out are required")
     dev, dtype = device_dtype(cfg.precision)
     d = W.resolve(cfg.model, ("*.json", "*.safetensors", "spiece.model"))
     net, tok = W.load_siglip(d, dtype=dtype).to(dev).eval(), TextTokenizer(d, cfg.text_len)
-    size = net.vision.config.image_size
 
     @torch.no_grad()
-    def score_shard(src):
-        lines = []
-        for rows, px in shard_batches(src, cfg.batch_size, size, cfg.workers):
-            ok = [r for r in rows if r["error"] is None]
-            if ok:
-                ids = torch.tensor([tok.encode(r["caption"]) for r in ok], device=dev)
-                i = F.normalize(net.image_embeds(M.normalize_pixels(px.to(dev), dtype)).float(), dim=-1)
-                t = F.normalize(net.text_embeds(ids).float(), dim=-1)
-                cos = (i * t).sum(-1)
-                prob = torch.sigmoid(cos * net.logit_scale.float().exp() + net.logit_bias.float())
-                got = iter(zip(cos.tolist(), prob.tolist()))
-            for r in rows:
-                s, p = next(got) if r["error"] is None else (None, None)
-                lines.append(dict(key=r["key"], uid=r["uid"], score=s, prob=p, status=r["status"], error=r["error"]))
-        return lines
+    def score_batch(rows, px):
+        i = F.normalize(net.image_embeds(M.normalize_pixels(px.to(dev), dtype)).float(), dim=-1)
+        t = F.normalize(net.text_embeds(torch.tensor([tok.encode(r["caption"]) for r in rows], device=dev)).float(),
+                        dim=-1)
+        cos = (i * t).sum(-1)
+        prob = torch.sigmoid(cos * net.logit_scale.float().exp() + net.logit_bias.float())
+        return [{"score": c, "prob": p} for c, p in zip(cos.tolist(), prob.tolist())]
 
-    return run_shards("score", cfg.input, cfg.out, {"command": "score", "model": cfg.model,
-                                                     "text_len": cfg.text_len}, score_shard)
+    return run_shards("score", cfg, {"command": "score", "model": cfg.model, "text_len": cfg.text_len},
+                      net.vision.config.image_size, ("score", "prob"), score_batch)
 
 
 # MLM-Filter (formats.md §3.4-3.5), byte for byte: the qwen_instruct conversation around the v2 instruction template.
@@ -319,20 +294,15 @@ def parse_score(text: str) -> int | None:
 
 
 @dataclass
-class MLMConfig:
+class MLMConfig(ShardsConfig):
     """MLM-Filter scores: the judge's 2 greedy tokens (raw) and their parsed integer, one line per sample."""
-    input: list[str] = field(default_factory=list)
-    model: str = ""  # the judge (weights.load_vlm: the released llava_qwen layout, local dir or hub id)
-    out: str = ""
-    metric: str = "semantic_understanding"  # or image_text_matching | object_detail_fulfillment | caption_text_quality
     batch_size: int = 16
-    workers: int = 2
-    precision: str = "auto"
+    metric: str = "semantic_understanding"  # or image_text_matching | object_detail_fulfillment | caption_text_quality
 
 
 def mlm(cfg: MLMConfig) -> dict:
-    if not (cfg.input and cfg.model and cfg.out) or cfg.metric not in MLM_CRITERIA:
-        raise SystemExit(f"mlm: --input, --model and --out are required; --metric is one of {list(MLM_CRITERIA)}")
+    if cfg.metric not in MLM_CRITERIA:
+        raise SystemExit(f"mlm: --metric is one of {list(MLM_CRITERIA)}")
     import tokenizers
     dev, dtype = device_dtype(cfg.precision)
     judge = W.load_vlm(cfg.model, dtype=dtype).to(dev).eval()
@@ -341,27 +311,18 @@ def mlm(cfg: MLMConfig) -> dict:
     tok = tokenizers.Tokenizer.from_file(judge.tokenizer_path)  # control tokens in the prompt parse as tokens
     stop = [i for t in ("<|im_end|>", "<|endoftext|>") if (i := tok.token_to_id(t)) is not None]
 
-    def score_shard(src):
-        lines = []
-        for rows, px in shard_batches(src, cfg.batch_size, judge.config.vision.image_size, cfg.workers):
-            decoded = [k for k, r in enumerate(rows) if r["error"] is None]  # the rows px holds, in order
-            for k in decoded:
-                if "<image>" in rows[k]["caption"]:
-                    rows[k]["error"] = "bad caption: contains <image>"  # it would ask for a second image
-            keep = [k for k in decoded if rows[k]["error"] is None]
-            px = px[[decoded.index(k) for k in keep]]
-            # Pads are masked (VLM.generate): the reference attends to its left pads, so its scores can move with
-            # the batch; ours do not. Greedy, 2 new tokens, stop at the end-of-turn tokens, special tokens skipped.
-            new = judge.generate([mlm_ids(tok, rows[k]["caption"], cfg.metric) for k in keep],
-                                 M.normalize_pixels(px.to(dev), dtype), max_new_tokens=2, stop_ids=stop) if keep else []
-            raw = dict(zip(keep, (tok.decode(ids, skip_special_tokens=True) for ids in new)))
-            for k, r in enumerate(rows):
-                lines.append(dict(key=r["key"], uid=r["uid"], raw=raw.get(k), score=parse_score(raw[k]) if k in raw
-                                  else None, status=r["status"], error=r["error"]))
-        return lines
+    def score_batch(rows, px):
+        keep = [k for k, r in enumerate(rows) if "<image>" not in r["caption"]]  # it would ask for a second image
+        # Pads are masked (VLM.generate): the reference attends to its left pads, so its scores can move with the
+        # batch; ours do not. Greedy, 2 new tokens, stopping at end-of-turn, special tokens skipped in the string.
+        new = judge.generate([mlm_ids(tok, rows[k]["caption"], cfg.metric) for k in keep],
+                             M.normalize_pixels(px[keep].to(dev), dtype), max_new_tokens=2, stop_ids=stop) if keep else []
+        raw = dict(zip(keep, (tok.decode(ids, skip_special_tokens=True) for ids in new)))
+        return [{"raw": raw[k], "score": parse_score(raw[k])} if k in raw else
+                {"error": "bad caption: contains <image>"} for k in range(len(rows))]
 
-    return run_shards("mlm", cfg.input, cfg.out, {"command": "mlm", "model": cfg.model, "metric": cfg.metric},
-                      score_shard)
+    return run_shards("mlm", cfg, {"command": "mlm", "model": cfg.model, "metric": cfg.metric},
+                      judge.config.vision.image_size, ("raw", "score"), score_batch)
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -373,13 +334,13 @@ class TrainConfig:
     """Train a small SigLIP with the sigmoid loss on image-text shards; save it in HF SigLIP layout."""
     input: list[str] = field(default_factory=list)  # shards; default: the toy world's pool
     out: str = ""
-    tokenizer: str = ""  # tokenizer.json or spiece.model; default: the toy world's tokenizer.json
-    pad_token: str = "<|endoftext|>"  # for a tokenizer.json: pads the text to text_len
-    steps: int = 1200
+    tokenizer: str = ""  # a tokenizer.json; default: the toy world's
+    pad_token: str = "<|endoftext|>"  # pads the text to text_len
+    steps: int = 600
     batch_size: int = 256
     lr: float = 1e-3
-    width: int = 128
-    layers: int = 3
+    width: int = 64
+    layers: int = 2
     image_size: int = 64
     patch_size: int = 8
     text_len: int = 64
@@ -393,37 +354,32 @@ def train(cfg: TrainConfig) -> dict:
     if not cfg.input or not cfg.tokenizer:
         import toyworld
         world = toyworld.ensure()
-        cfg.input, cfg.tokenizer = cfg.input or [os.path.join(world, "pool")], cfg.tokenizer or os.path.join(
-            world, "tokenizer.json")
-    tok = TextTokenizer(cfg.tokenizer, cfg.text_len, cfg.pad_token)
-    pixels, ids, skipped = [], [], Counter()
+        cfg.input = cfg.input or [os.path.join(world, "pool")]
+        cfg.tokenizer = cfg.tokenizer or os.path.join(world, "tokenizer.json")
+    tok, pixels, ids, skipped = TextTokenizer(cfg.tokenizer, cfg.text_len, cfg.pad_token), [], [], Counter()
     for src in pack.resolve_inputs(cfg.input):  # the whole set in memory: the toy pool is 20k x 64 px
         for rows, px in shard_batches(src, 512, cfg.image_size, cfg.workers):
             pixels.append(px)
             ids += [tok.encode(r["caption"]) for r in rows if r["error"] is None]
             skipped.update(r["error"].split(":")[0] for r in rows if r["error"])
-    pixels, ids = torch.cat(pixels), torch.tensor(ids)
+    pixels, ids, (w, L) = torch.cat(pixels), torch.tensor(ids), (cfg.width, cfg.layers)
     print(f"train: {len(ids):,} pairs, skipped {dict(skipped)}", file=sys.stderr)
     torch.manual_seed(cfg.seed)
-    w, L = cfg.width, cfg.layers
-    net = M.Siglip(M.VisionConfig(cfg.image_size, cfg.patch_size, w, 2 * w, L, w // 32),
-                   M.TextConfig(tok.vocab_size, w, 2 * w, L, w // 32, cfg.text_len, w))
-    for name, p in net.named_parameters():  # as HF initializes SigLIP, roughly; t = log 10 and b = -10 (the paper)
-        torch.nn.init.zeros_(p) if name.endswith("bias") else torch.nn.init.ones_(p) if p.dim() == 1 else \
-            torch.nn.init.normal_(p, std=0.02)
-    with torch.no_grad():
-        net.logit_scale.fill_(math.log(10.0)), net.logit_bias.fill_(-10.0)
-    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=0.1)
-    gen, t0 = torch.Generator().manual_seed(cfg.seed), time.time()
+    net = M.Siglip(M.VisionConfig(cfg.image_size, cfg.patch_size, w, 2 * w, L, max(1, w // 32)),
+                   M.TextConfig(tok.vocab_size, w, 2 * w, L, max(1, w // 32), cfg.text_len, w))
+    for name, p in net.named_parameters():  # roughly HF's init; then t = log 10 and b = -10, the paper's start
+        p.data = torch.zeros_like(p) if name.endswith("bias") else torch.ones_like(p) if p.dim() == 1 else \
+            torch.randn_like(p) * 0.02
+    net.logit_scale.data.fill_(math.log(10.0)), net.logit_bias.data.fill_(-10.0)
+    opt, gen, t0 = torch.optim.AdamW(net.parameters(), cfg.lr, weight_decay=0.1), torch.Generator(), time.time()
+    gen.manual_seed(cfg.seed)
     for step in range(1, cfg.steps + 1):
-        for g in opt.param_groups:  # linear warmup over 5%, cosine to 0
+        for g in opt.param_groups:  # linear warmup over 5% of the steps, then cosine to 0
             g["lr"] = cfg.lr * min(1, step / max(1, cfg.steps // 20)) * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
         pick = torch.randint(len(ids), (cfg.batch_size,), generator=gen)
         i = F.normalize(net.image_embeds(M.normalize_pixels(pixels[pick])), dim=-1)
-        t = F.normalize(net.text_embeds(ids[pick]), dim=-1)
-        logits = i @ t.T * net.logit_scale.exp() + net.logit_bias
-        labels = 2 * torch.eye(len(pick)) - 1  # +1 on the diagonal (the pair), -1 elsewhere
-        loss = -F.logsigmoid(labels * logits).sum() / len(pick)
+        logits = i @ F.normalize(net.text_embeds(ids[pick]), dim=-1).T * net.logit_scale.exp() + net.logit_bias
+        loss = -F.logsigmoid((2 * torch.eye(len(pick)) - 1) * logits).sum() / len(pick)  # +1: the pair, -1: others
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -431,9 +387,7 @@ def train(cfg: TrainConfig) -> dict:
             dt = time.time() - t0
             print(f"train: step {step}/{cfg.steps} loss {loss.item():.3f} {step * len(pick) / dt:,.0f} pairs/s "
                   f"ETA {dt / step * (cfg.steps - step) / 60:.1f} min", file=sys.stderr, flush=True)
-    pad = tok.pad if tok.sp is None else next(t for t, i in tok.special.items() if i == tok.pad_id)
-    W.save_siglip(cfg.out, net, cfg.tokenizer, (pad, tok.pad_id), (pad, tok.pad_id) if tok.sp is None else
-                  next((t, i) for t, i in tok.special.items() if i == tok.eos_id))
+    W.save_siglip(cfg.out, net, cfg.tokenizer, (tok.pad, tok.pad_id), (tok.pad, tok.pad_id))
     return {"pairs": len(ids), "loss": loss.item(), "seconds": time.time() - t0}
 
 
@@ -453,13 +407,17 @@ def uid_pair(uid) -> tuple[int, int] | None:
 
 
 def load_uids(path: str) -> np.ndarray:
-    """A DataComp subset file: .npy of dtype u8,u8, or raw 16-byte records (the resharder reads both)."""
-    with open(path, "rb") as f:
-        npy = f.read(6) == b"\x93NUMPY"
-    a = np.load(path, mmap_mode="r") if npy else np.fromfile(path, dtype=UID)
+    """A DataComp subset file: a .npy of dtype u8,u8."""
+    a = np.load(path, mmap_mode="r", allow_pickle=False)
     if a.dtype != UID:
         raise SystemExit(f"{path}: uid array has dtype {a.dtype}, expected u8,u8")
     return np.asarray(a)
+
+
+def save_npy(path: str, a: np.ndarray):
+    with open(tmp := os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.tmp"), "wb") as f:
+        np.save(f, a)
+    os.replace(tmp, path)
 
 
 @dataclass
@@ -507,9 +465,7 @@ def select(cfg: SelectConfig) -> dict:
     for s in sets[1:]:
         inter = np.intersect1d(inter, s)
     out = inter if cfg.intersect else union
-    with open(tmp := cfg.out + ".tmp", "wb") as f:
-        np.save(f, out)
-    os.replace(tmp, cfg.out)
+    save_npy(cfg.out, out)
     total = {"sources": summary, "union": len(union), "intersection": len(inter), "kept": len(out),
              "mode": "intersect" if cfg.intersect else "union", "top_fraction": cfg.top_fraction, "status": cfg.status}
     M.write_json(cfg.out.removesuffix(".npy") + ".json", total)
@@ -531,108 +487,99 @@ class ReshardConfig:
     workers: int = 0  # processes; 0 = all cores
 
 
-def plan_shard(job) -> dict:
-    """One input shard -> its kept samples [key, [[ext, offset, size], ...]] and counts, cached in out/.plan."""
-    src, name, uids_path, plan_dir = job
-    path = os.path.join(plan_dir, name + ".json")
-    if os.path.isfile(path):
-        return json.load(open(path))
-    uids, kept, n, errors = load_uids(uids_path), [], Counter(), Counter()
+def kept_samples(src: str, uids: np.ndarray, counts: Counter):
+    """The samples of src whose json uid is in the sorted `uids`, in order, as read_tar gives them; counts gets seen,
+    kept, dropped and errors (no uid, a broken tar)."""
     for key, members in pack.read_tar(src):
-        n["seen"] += key is not None
+        counts["seen"] += key is not None
         if isinstance(members, str):
-            errors["broken_tar"] += key is not None
-            break
+            counts["error broken_tar"] += key is not None
+            return
         try:
-            pair = uid_pair(json.loads(members["json"][0]).get("uid")) if "json" in members else None
-        except (ValueError, AttributeError):
+            pair = uid_pair(json.loads(members["json"][0]).get("uid"))
+        except (KeyError, ValueError, AttributeError):  # no json, not json, not an object
             pair = None
         if pair is None:
-            errors["no_uid"] += 1
-            continue
-        k = np.array([pair], dtype=UID)
-        if np.searchsorted(uids, k, "right")[0] > np.searchsorted(uids, k, "left")[0]:  # listed (once or more)
-            kept.append([key, [[ext, at, len(data)] for ext, (data, at) in members.items()]])
+            counts["error no_uid"] += 1
+        elif (i := int(np.searchsorted(uids, np.array(pair, UID)))) < len(uids) and tuple(uids[i]) == pair:
+            counts["kept"] += 1
+            yield key, members
         else:
-            n["dropped"] += 1
-    plan = {"source": src, "seen": n["seen"], "kept": len(kept), "dropped": n["dropped"], "errors": dict(errors),
-            "samples": kept}
-    M.write_json(path, plan)
-    return plan
+            counts["dropped"] += 1
+
+
+def count_shard(job) -> dict:
+    counts = Counter()
+    for _ in kept_samples(job[0], np.load(job[1], mmap_mode="r"), counts):
+        pass
+    return dict(counts)
 
 
 def write_output(job) -> dict:
-    """Output shard j from its slices [(source, plan path, start, end)] of the kept samples, in input order."""
-    j, slices, out = job
-    taken, renamed = set(), 0
+    """Output shard j: kept samples [a, b) of each of its input shards, in input order, members byte for byte."""
+    j, slices, uids_path, out = job
+    uids, taken, renamed = np.load(uids_path, mmap_mode="r"), set(), 0
     with open(tmp := os.path.join(out, f".{j:08d}.tar.tmp"), "wb") as f:
-        for src, plan, a, b in slices:
-            with pack._mapped(src) as buf:
-                for key, members in json.load(open(plan))["samples"][a:b]:
-                    new, k = key, 0
-                    while new in taken:  # a key clash between sources: the next free key_N, the same on every run
-                        k += 1
-                        new = f"{key}_{k}"
-                    taken.add(new)
-                    renamed += new != key
-                    for ext, at, size in members:
-                        f.write(pack.tar_member(f"{new}.{ext}", buf[at: at + size]))
+        for src, a, b in slices:
+            for key, members in itertools.islice(kept_samples(src, uids, Counter()), a, b):
+                new, k = key, 0
+                while new in taken:  # a key clash between sources: the first free key_N, the same on every run
+                    k += 1
+                    new = f"{key}_{k}"
+                taken.add(new)
+                renamed += new != key
+                f.writelines(pack.tar_member(f"{new}.{ext}", data) for ext, (data, _) in members.items())
         f.write(bytes(1024))
     os.replace(tmp, path := os.path.join(out, f"{j:08d}.tar"))
     stats = {"shard": j, "samples": len(taken), "renamed": renamed, "bytes": os.path.getsize(path),
-             "sources": sorted({os.path.basename(s) for s, *_ in slices})}
+             "sources": [s for s, *_ in slices]}
     M.write_json(os.path.join(out, f"{j:08d}_stats.json"), stats)
     return stats
 
 
+def _finished(out: str, j: int) -> bool:  # its stats are written after its tar, which must have the recorded size
+    try:
+        return json.load(open(f"{out}/{j:08d}_stats.json"))["bytes"] == os.path.getsize(f"{out}/{j:08d}.tar")
+    except (OSError, ValueError, KeyError):
+        return False
+
+
 def reshard(cfg: ReshardConfig) -> dict:
+    """Two passes over the inputs, in parallel: count the kept samples of every input shard (cached in sizes.json,
+    as DataComp's shard table), then write each unfinished output shard from the inputs its samples come from."""
     if not (cfg.input and cfg.uids and cfg.out) or cfg.shard_size < 1:
         raise SystemExit("reshard: --input, --uids and --out are required; --shard-size >= 1")
-    sources = pack.resolve_inputs(cfg.input)
-    names, plan_dir = pack.output_names(sources), os.path.join(cfg.out, ".plan")
-    os.makedirs(plan_dir, exist_ok=True)
-    for p in glob.glob(os.path.join(glob.escape(cfg.out), ".*.tmp")) + glob.glob(os.path.join(plan_dir, ".*.tmp")):
+    sources, out, S, t0 = pack.resolve_inputs(cfg.input), cfg.out, cfg.shard_size, time.time()
+    os.makedirs(out, exist_ok=True)
+    for p in glob.glob(os.path.join(glob.escape(out), ".*.tmp")):
         os.remove(p)  # left by a killed run
-    settings = {"inputs": sources, "shard_size": cfg.shard_size,
-                "uids_sha256": hashlib.sha256(open(cfg.uids, "rb").read()).hexdigest()}
-    pinned = os.path.join(plan_dir, "settings.json")
-    if os.path.isfile(pinned) and json.load(open(pinned)) != settings:
-        raise SystemExit(f"reshard: {cfg.out} was made from other inputs, uids or shard size; use a new --out")
-    M.write_json(pinned, settings)
-    uids = np.unique(load_uids(cfg.uids))  # sorted and unique, whatever the file was: searchsorted needs it
-    with open(os.path.join(plan_dir, ".uids.npy.tmp"), "wb") as f:
-        np.save(f, uids)
-    os.replace(os.path.join(plan_dir, ".uids.npy.tmp"), sorted_uids := os.path.join(plan_dir, "uids.npy"))
-    workers, t0 = max(1, cfg.workers or len(os.sched_getaffinity(0))), time.time()
-    with multiprocessing.Pool(workers) as pool:
-        plans = pool.map(plan_shard, [(s, n, sorted_uids, plan_dir) for s, n in zip(sources, names)], chunksize=1)
-        for p in plans:
-            del p["samples"]  # the workers read them again from the plan files
-        # kept sample g of all inputs goes to output shard g // shard_size: the numbering depends only on the inputs
-        ends, S = np.cumsum([p["kept"] for p in plans]), cfg.shard_size
-        jobs = []
-        for j in range(-(-int(ends[-1]) // S) if len(ends) else 0):
-            lo, hi, slices = j * S, min((j + 1) * S, int(ends[-1])), []
-            for k, (src, name) in enumerate(zip(sources, names)):
-                start = int(ends[k]) - plans[k]["kept"]
-                if start < hi and ends[k] > lo:
-                    slices.append((src, os.path.join(plan_dir, name + ".json"), max(lo, start) - start,
-                                   min(hi, int(ends[k])) - start))
-            done = os.path.join(cfg.out, f"{j:08d}_stats.json")
-            if not (os.path.isfile(done) and json.load(open(done))["bytes"] == os.path.getsize(done[:-11] + ".tar")):
-                jobs.append((j, slices, cfg.out))
+    uids = np.unique(load_uids(cfg.uids))  # sorted and unique whatever the file was: searchsorted needs it
+    save_npy(sorted_uids := os.path.join(out, "uids.npy"), uids)
+    table = {"inputs": sources, "shard_size": S, "uids_sha256": hashlib.sha256(uids.tobytes()).hexdigest()}
+    sizes = json.load(open(p)) if os.path.isfile(p := os.path.join(out, "sizes.json")) else None
+    if sizes is not None and {k: sizes[k] for k in table} != table:
+        raise SystemExit(f"reshard: {out} was made from other inputs, uids or shard size; use a new --out")
+    with multiprocessing.Pool(max(1, cfg.workers or len(os.sched_getaffinity(0)))) as pool:
+        if sizes is None:
+            sizes = {**table, "counts": pool.map(count_shard, [(s, sorted_uids) for s in sources], chunksize=1)}
+            M.write_json(p, sizes)
+        # kept sample g (counted over all inputs in order) goes to output shard g // S: the same shards on every run
+        kept = [c.get("kept", 0) for c in sizes["counts"]]
+        ends, n_out = np.cumsum([0] + kept).tolist(), -(-sum(kept) // S)
+        jobs = [(j, [(s, max(j * S, e0) - e0, min((j + 1) * S, e1) - e0) for s, e0, e1 in zip(sources, ends, ends[1:])
+                     if e0 < (j + 1) * S and e1 > j * S], sorted_uids, out) for j in range(n_out) if not _finished(out, j)]
         progress = Progress("reshard", len(jobs))
         for stats in pool.imap_unordered(write_output, jobs):
             progress.step(stats["samples"])
-    shards = [json.load(open(p)) for p in sorted(glob.glob(os.path.join(glob.escape(cfg.out), "*_stats.json")))]
-    errors = sum((Counter(p["errors"]) for p in plans), Counter())
-    total = {"seen": sum(p["seen"] for p in plans), "kept": sum(p["kept"] for p in plans),
-             "dropped": sum(p["dropped"] for p in plans), "errors": dict(errors), "shards": len(shards),
-             "renamed": sum(s["renamed"] for s in shards), "uids_listed": len(uids),
-             "seconds": time.time() - t0}
-    assert total["seen"] == total["kept"] + total["dropped"] + sum(errors.values()), total
-    assert sum(s["samples"] for s in shards) == total["kept"], "output shards do not hold every kept sample"
-    M.write_json(os.path.join(cfg.out, "stats.json"), total)
+    shards = [json.load(open(f"{out}/{j:08d}_stats.json")) for j in range(n_out)]
+    c = sum((Counter(c) for c in sizes["counts"]), Counter())
+    errors = {k.removeprefix("error "): v for k, v in c.items() if k.startswith("error ")}
+    total = {"seen": c["seen"], "kept": c["kept"], "dropped": c["dropped"], "errors": errors, "shards": n_out,
+             "renamed": sum(s["renamed"] for s in shards), "uids_listed": len(uids), "seconds": round(time.time() - t0, 1)}
+    # counts in == counts out: every sample read is kept, dropped or an error; every kept one is in an output shard
+    if c["seen"] != c["kept"] + c["dropped"] + sum(errors.values()) or sum(s["samples"] for s in shards) != c["kept"]:
+        raise RuntimeError(f"reshard: counts do not add up: {total}")
+    M.write_json(os.path.join(out, "stats.json"), total)
     print(f"reshard: {total}", file=sys.stderr)
     return total
 
