@@ -1,23 +1,21 @@
 """
-Data filtering (reference.md §4; formats.md §3 MLM-Filter, §5 DataComp uids). SigLIP scores (`score`) and MLM-Filter
-scores (`mlm`) per sample, selection by score and DataComp uid lists (`select`), a byte-exact copy of the selected
+Data filtering (reference.md §4; formats.md §3 MLM-Filter, §5 DataComp uids): SigLIP scores (`score`) and MLM-Filter
+scores (`mlm`) per sample, selection by scores and DataComp uid lists (`select`), a byte-exact copy of the selected
 samples into new shards (`reshard`), and `train`, the toy world's SigLIP (no pretrained one exists for it).
 
-    python filter.py train --out runs/siglip-toy                     # on the toy world's pool
-    python filter.py score --input cache/toyworld/pool --model runs/siglip-toy --out runs/scores
-    python filter.py select --scores runs/scores --top-fraction 0.9 --status success --out runs/keep.npy
-    python filter.py reshard --input cache/toyworld/pool --uids runs/keep.npy --out runs/filtered
+    python filter.py train --out runs/siglip-toy && python filter.py score --input cache/toyworld/pool \
+        --model runs/siglip-toy --out runs/scores && python filter.py select --scores runs/scores --top-fraction 0.9 \
+        --out runs/keep.npy && python filter.py reshard --input cache/toyworld/pool --uids runs/keep.npy --out runs/f
     torchrun --nproc_per_node=8 filter.py mlm --input '/data/dc/{00000000..00012895}.tar' --out /data/su \
-        --model weizhiwang/mlm-filter-qwen2.5-1.5b-gpt4o
-    python filter.py select --scores /data/su:85 --status success --uids dfn.npy --union --out keep.npy
+        --model weizhiwang/mlm-filter-qwen2.5-1.5b-gpt4o        # then: select --scores /data/su:85 --uids dfn.npy --union
 
-score/mlm write SCORES/NAME.jsonl per input shard (NAME as pack.py names outputs), one line per sample, errors
-included. Rank r of torchrun (RANK/WORLD_SIZE, across nodes too) takes shards r, r + world, ...; batches never cross
-shards, so the lines do not depend on the process count. Outputs are written under temp names and renamed: a rerun
-skips what is finished.
+score/mlm write SCORES/NAME.jsonl per input shard (NAME as pack.py's), one line per sample, errors included. Rank r
+of torchrun (RANK/WORLD_SIZE, across nodes too) takes shards r, r + world, ...; batches never cross shards, so lines
+do not depend on the process count. Every output is written to a temp name and renamed: a rerun resumes.
 """
 from __future__ import annotations
 
+import functools
 import glob
 import hashlib
 import itertools
@@ -26,7 +24,6 @@ import math
 import multiprocessing
 import os
 import re
-import string
 import sys
 import time
 from collections import Counter
@@ -89,72 +86,12 @@ class ShardBatches(torch.utils.data.IterableDataset):
                 except Exception as e:  # PIL raises many kinds for a broken file; all mean the same here
                     s["error"] = f"broken image: {type(e).__name__}: {str(e)[:200]}"
             s["image"] = None  # not sent back to the main process
-        size = (0, 3, self.image_size, self.image_size)
-        return rows, torch.stack(pixels) if pixels else torch.zeros(size, dtype=torch.uint8)
+        return rows, torch.stack(pixels) if pixels else torch.zeros(0, 3, self.image_size, self.image_size).byte()
 
 
 def shard_batches(path: str, batch_size: int, image_size: int, workers: int):
     return torch.utils.data.DataLoader(ShardBatches(path, batch_size, image_size), batch_size=None,
                                        num_workers=workers, prefetch_factor=4 if workers else None)
-
-
-# -----------------------------------------------------------------------------------------------------------------
-# SigLIP text preprocessing, equal to transformers' SiglipProcessor(text, padding="max_length", max_length=64,
-# truncation=True): the text tower pools the last position, so the padding is part of the score.
-
-SPIECE = "\u2581"  # SentencePiece's word marker
-NO_PUNCT = str.maketrans("", "", string.punctuation)
-
-
-class TextTokenizer:
-    """A SigLIP checkpoint's tokenizer: `spiece.model` as transformers' SiglipTokenizer runs it (lower-case, ASCII
-    punctuation removed, whitespace collapsed, `</s>` appended, padded with `</s>`), or a `tokenizer.json` (a dir's,
-    or the file) as it says (normalizer, post-processor), padded with tokenizer_config.json's or `pad`'s token. Both
-    truncate to `length` keeping the closing special token, as truncation=True does."""
-
-    def __init__(self, src: str, length: int = 64, pad: str | None = None):
-        d = src if os.path.isdir(src) else os.path.dirname(src)
-        cfg = json.load(open(p)) if os.path.isfile(p := os.path.join(d, "tokenizer_config.json")) else {}
-        token = lambda k, v: x["content"] if isinstance(x := cfg.get(k, v), dict) else x  # noqa: E731
-        self.length, self.sp, self.pad = length, None, pad or token("pad_token", "</s>")
-        if os.path.isdir(src) and os.path.isfile(sp := os.path.join(d, "spiece.model")):
-            import sentencepiece
-            if cfg.get("additional_special_tokens"):
-                raise ValueError(f"{p}: additional_special_tokens are not supported")
-            self.sp, self.lower = sentencepiece.SentencePieceProcessor(model_file=sp), cfg.get("do_lower_case", True)
-            eos, self.unk = token("eos_token", "</s>"), token("unk_token", "<unk>")
-            self.special = {t: self.sp.piece_to_id(t) for t in (eos, self.unk, self.pad)}
-            self.split = re.compile("(" + "|".join(map(re.escape, sorted(self.special, key=len)[::-1])) + ")")
-            self.unk_len = len(self.sp.encode(self.unk, out_type=str))
-            self.eos_id, self.pad_id, self.vocab_size = self.special[eos], self.special[self.pad], len(self.sp)
-        elif os.path.isfile(tj := os.path.join(src, "tokenizer.json") if os.path.isdir(src) else src):
-            import tokenizers
-            self.tok = tokenizers.Tokenizer.from_file(tj)
-            if (pad_id := self.tok.token_to_id(self.pad)) is None:
-                raise ValueError(f"{src}: pad token {self.pad!r} (tokenizer_config.json) is not in {tj}")
-            self.tok.enable_truncation(length)
-            self.tok.enable_padding(length=length, pad_id=pad_id, pad_token=self.pad)
-            self.pad_id, self.vocab_size = pad_id, self.tok.get_vocab_size()
-        else:
-            raise FileNotFoundError(f"{src}: no spiece.model or tokenizer.json")
-
-    def _pieces(self, text: str) -> list[str]:  # SiglipTokenizer._tokenize: canonicalize, then encode after <unk>
-        text = re.sub(r"\s+", " ", (text.lower() if self.lower else text).translate(NO_PUNCT)).strip()
-        pieces = self.sp.encode(self.unk + text, out_type=str)  # the prefix stops SentencePiece eating the marker
-        return pieces[self.unk_len:] if len(pieces) >= self.unk_len else pieces
-
-    def encode(self, text: str) -> list[int]:
-        if self.sp is None:
-            return self.tok.encode(text).ids
-        parts = self.split.split(SPIECE + text.replace(SPIECE, " "))  # odd parts: special tokens, which strip the
-        for i in range(1, len(parts), 2):  # spaces beside them (lstrip/rstrip) and are never split
-            parts[i - 1], parts[i + 1] = parts[i - 1].rstrip(), parts[i + 1].lstrip()
-        pieces = [p for i, part in enumerate(parts) for p in ([part] if i % 2 else self._pieces(part) if part else [])]
-        if len(pieces) > 1 and pieces[0] == SPIECE and pieces[1] in self.special:
-            pieces = pieces[1:]
-        ids = [self.special[p] if p in self.special else self.sp.piece_to_id(p) for p in pieces][: self.length - 1]
-        ids += [] if ids and ids[-1] == self.eos_id else [self.eos_id]
-        return ids + [self.pad_id] * (self.length - len(ids))
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -168,18 +105,15 @@ def device_dtype(precision: str):
     return dev, {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
 
 
-class Progress:
-    def __init__(self, what: str, shards: int):
-        self.what, self.shards, self.done, self.samples, self.t0 = what, shards, 0, 0, time.time()
-
-    def step(self, samples: int):
-        self.done, self.samples, dt = self.done + 1, self.samples + samples, time.time() - self.t0
-        print(f"{self.what}: {self.done}/{self.shards} shards, {self.samples:,} samples, {self.samples / dt:,.1f} "
-              f"samples/s, ETA {dt / self.done * (self.shards - self.done) / 60:.1f} min", file=sys.stderr, flush=True)
+def progress(what: str, done: int, total: int, samples: int, t0: float):
+    dt = time.time() - t0
+    print(f"{what}: {done}/{total} shards, {samples:,} samples, {samples / dt:,.1f} samples/s, ETA "
+          f"{dt / done * (total - done) / 60:.1f} min", file=sys.stderr, flush=True)
 
 
 @dataclass
-class ShardsConfig:  # what score and mlm share
+class ScoreConfig:  # score's flags, and mlm's
+    """SigLIP image-text scores: cosine similarity and sigmoid match probability, one line per sample."""
     input: list[str] = field(default_factory=list)  # shards: files, dirs, globs, {a..b} (pack.py's patterns)
     model: str = ""  # score: SigLIP in HF layout with spiece.model or tokenizer.json; mlm: the judge (load_vlm)
     out: str = ""  # SCORES dir
@@ -188,16 +122,9 @@ class ShardsConfig:  # what score and mlm share
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
 
 
-@dataclass
-class ScoreConfig(ShardsConfig):
-    """SigLIP image-text scores: cosine similarity and sigmoid match probability, one line per sample."""
-    text_len: int = 64  # SiglipProcessor's max_length
-
-
 def run_shards(what: str, cfg, settings: dict, image_size: int, fields: tuple, score_batch) -> dict:
-    """This rank's unfinished input shards -> out/NAME.jsonl each. score_batch(rows, pixels) gives a dict of
-    `fields` (or an error) per row that decoded; settings.json pins what the lines depend on, so a rerun with another
-    model cannot mix its lines in. Returns this rank's counts."""
+    """This rank's unfinished input shards -> out/NAME.jsonl each; score_batch(rows, pixels) gives `fields` (or an
+    error) per decoded row. settings.json pins what lines depend on: a rerun with another model cannot mix in."""
     if not (cfg.input and cfg.model and cfg.out):
         raise SystemExit(f"{what}: --input, --model and --out are required")
     sources, out = pack.resolve_inputs(cfg.input), cfg.out
@@ -208,8 +135,8 @@ def run_shards(what: str, cfg, settings: dict, image_size: int, fields: tuple, s
     M.write_json(pinned, settings)
     todo = [(s, n) for i, (s, n) in enumerate(zip(sources, names))
             if i % world == rank and not os.path.isfile(os.path.join(out, n + ".jsonl"))]
-    counts, progress = Counter(), Progress(f"{what} rank {rank}/{world}", len(todo))
-    for src, name in todo:
+    counts, t0 = Counter(), time.time()
+    for done, (src, name) in enumerate(todo, 1):
         lines = []
         for rows, px in shard_batches(src, cfg.batch_size, image_size, cfg.workers):
             ok = [r for r in rows if r["error"] is None]
@@ -222,7 +149,7 @@ def run_shards(what: str, cfg, settings: dict, image_size: int, fields: tuple, s
             f.writelines(json.dumps(line) + "\n" for line in lines)
         os.replace(tmp, os.path.join(out, name + ".jsonl"))
         counts.update(["lines"] * len(lines) + [x["error"].split(":")[0] for x in lines if x["error"]])
-        progress.step(len(lines))
+        progress(f"{what} rank {rank}/{world}", done, len(todo), counts["lines"], t0)
     print(f"{what}: rank {rank}: {len(todo)} shards, {dict(counts)}", file=sys.stderr)
     return dict(counts)
 
@@ -230,7 +157,7 @@ def run_shards(what: str, cfg, settings: dict, image_size: int, fields: tuple, s
 def score(cfg: ScoreConfig) -> dict:
     dev, dtype = device_dtype(cfg.precision)
     d = W.resolve(cfg.model, ("*.json", "*.safetensors", "spiece.model"))
-    net, tok = W.load_siglip(d, dtype=dtype).to(dev).eval(), TextTokenizer(d, cfg.text_len)
+    net, tok = W.load_siglip(d, dtype=dtype).to(dev).eval(), W.SiglipTokenizer(d, 64)  # SiglipProcessor's max_length
 
     @torch.no_grad()
     def score_batch(rows, px):
@@ -241,30 +168,17 @@ def score(cfg: ScoreConfig) -> dict:
         prob = torch.sigmoid(cos * net.logit_scale.float().exp() + net.logit_bias.float())
         return [{"score": c, "prob": p} for c, p in zip(cos.tolist(), prob.tolist())]
 
-    return run_shards("score", cfg, {"command": "score", "model": cfg.model, "text_len": cfg.text_len},
+    return run_shards("score", cfg, {"command": "score", "model": cfg.model},
                       net.vision.config.image_size, ("score", "prob"), score_batch)
 
 
 # MLM-Filter (formats.md §3.4-3.5), byte for byte: the qwen_instruct conversation around the v2 instruction template.
-MLM_TEMPLATE = """Text Caption: {caption}
-
-{criteria} A higher score indicates higher level of {aspect}. Ensure that your scoring is nuanced and uses the entire range from 0 to 100, reflecting the subtle differences. The score should be given as an integer, with each number between 0 and 100 considered as a potential score, avoiding the tendency to round to multiples of 5 or 10. Please first output a single line containing the value indicating the scores. In the subsequent line, please provide a comprehensive explanation of your evaluation, avoiding any potential bias."""  # noqa: E501
-MLM_CRITERIA = {
+MLM_TEMPLATE = "Text Caption: {caption}\n\n{criteria} A higher score indicates higher level of {aspect}. Ensure that your scoring is nuanced and uses the entire range from 0 to 100, reflecting the subtle differences. The score should be given as an integer, with each number between 0 and 100 considered as a potential score, avoiding the tendency to round to multiples of 5 or 10. Please first output a single line containing the value indicating the scores. In the subsequent line, please provide a comprehensive explanation of your evaluation, avoiding any potential bias."  # noqa: E501
+MLM_CRITERIA = {  # verbatim: tests pin each full prompt by its sha256
     "image_text_matching": "Please evaluate if the provided text caption accurately represents the main features and objects of the image. The caption doesn't need to detail every aspect of the image, but it should capture its primary theme. Rate the overall quality of the text caption's match to the image on a scale of 1-100, considering the criteria mentioned.",  # noqa: E501
     "object_detail_fulfillment": "Please evaluate the text caption to determine if it provides detailed descriptions of objects that align with the image. Specifically, assess if the caption sufficiently describes the color, size, position, shape, material, etc., of the objects. Afterward, rate the caption's overall accuracy in capturing object details from the image on a scale of 1-100, based on the criteria provided.",  # noqa: E501
-    "caption_text_quality": "Please evaluate the text caption based on the following criteria: Grammatical Correctness, Diversity of Vocabulary (e.g., the range and uniqueness of words used), Fluency (e.g., smoothness and natural flow of sentences), Readability, Length, and Structure. Assign an overall quality score on a scale of 1-100.",  # noqa: E501
-    "semantic_understanding": """Evaluate the given text caption in relation to its corresponding image. Your goal is to determine if the text caption provides additional semantic information that isn't readily apparent just from the image itself.
-
-For example:
-
-1. If the image mentions "a man" but the caption elaborates he is a "homeless man" or a "businessman," then the caption is enriching the semantic context.
-2. If the caption introduces concepts like the mathematical tangent function, which require in-depth knowledge to deduce, it is imparting external semantics.
-3. Captions revealing specific location addresses, festival details, or other nuanced data not easy to infer from the image also provide external semantic information.
-4. Directly identifying specific entities in the image such as buildings, people, bird species, animal breeds, car models, engines, etc., in the caption introduces additional insights.
-5. Should the image act as a contextual backdrop and the caption describes elements not explicitly showcased in the image, it has semantic depth.
-6. Lastly, if the caption depicts relationships between the subjects in the image, which need commonsense knowledge to understand, it should be considered semantically rich.
-
-Please assess and determine the extent of semantic enrichment the caption provides over the image. Rate the text caption's semantic depth on a scale from 1 to 100.""",  # noqa: E501
+    "caption_text_quality": 'Please evaluate the text caption based on the following criteria: Grammatical Correctness, Diversity of Vocabulary (e.g., the range and uniqueness of words used), Fluency (e.g., smoothness and natural flow of sentences), Readability, Length, and Structure. Assign an overall quality score on a scale of 1-100.',  # noqa: E501
+    "semantic_understanding": 'Evaluate the given text caption in relation to its corresponding image. Your goal is to determine if the text caption provides additional semantic information that isn\'t readily apparent just from the image itself.\n\nFor example:\n\n1. If the image mentions "a man" but the caption elaborates he is a "homeless man" or a "businessman," then the caption is enriching the semantic context.\n2. If the caption introduces concepts like the mathematical tangent function, which require in-depth knowledge to deduce, it is imparting external semantics.\n3. Captions revealing specific location addresses, festival details, or other nuanced data not easy to infer from the image also provide external semantic information.\n4. Directly identifying specific entities in the image such as buildings, people, bird species, animal breeds, car models, engines, etc., in the caption introduces additional insights.\n5. Should the image act as a contextual backdrop and the caption describes elements not explicitly showcased in the image, it has semantic depth.\n6. Lastly, if the caption depicts relationships between the subjects in the image, which need commonsense knowledge to understand, it should be considered semantically rich.\n\nPlease assess and determine the extent of semantic enrichment the caption provides over the image. Rate the text caption\'s semantic depth on a scale from 1 to 100.',  # noqa: E501
 }
 
 
@@ -294,7 +208,7 @@ def parse_score(text: str) -> int | None:
 
 
 @dataclass
-class MLMConfig(ShardsConfig):
+class MLMConfig(ScoreConfig):
     """MLM-Filter scores: the judge's 2 greedy tokens (raw) and their parsed integer, one line per sample."""
     batch_size: int = 16
     metric: str = "semantic_understanding"  # or image_text_matching | object_detail_fulfillment | caption_text_quality
@@ -313,8 +227,7 @@ def mlm(cfg: MLMConfig) -> dict:
 
     def score_batch(rows, px):
         keep = [k for k, r in enumerate(rows) if "<image>" not in r["caption"]]  # it would ask for a second image
-        # Pads are masked (VLM.generate): the reference attends to its left pads, so its scores can move with the
-        # batch; ours do not. Greedy, 2 new tokens, stopping at end-of-turn, special tokens skipped in the string.
+        # greedy, 2 new tokens; pads masked (VLM.generate), unlike the reference's, so scores do not move with batches
         new = judge.generate([mlm_ids(tok, rows[k]["caption"], cfg.metric) for k in keep],
                              M.normalize_pixels(px[keep].to(dev), dtype), max_new_tokens=2, stop_ids=stop) if keep else []
         raw = dict(zip(keep, (tok.decode(ids, skip_special_tokens=True) for ids in new)))
@@ -335,16 +248,13 @@ class TrainConfig:
     input: list[str] = field(default_factory=list)  # shards; default: the toy world's pool
     out: str = ""
     tokenizer: str = ""  # a tokenizer.json; default: the toy world's
-    pad_token: str = "<|endoftext|>"  # pads the text to text_len
+    pad_token: str = "<|endoftext|>"  # pads the text to 64 tokens, as score will
     steps: int = 600
     batch_size: int = 256
     lr: float = 1e-3
-    width: int = 64
+    width: int = 64  # both towers; patches of image_size / 8
     layers: int = 2
     image_size: int = 64
-    patch_size: int = 8
-    text_len: int = 64
-    workers: int = 2
     seed: int = 0
 
 
@@ -354,25 +264,24 @@ def train(cfg: TrainConfig) -> dict:
     if not cfg.input or not cfg.tokenizer:
         import toyworld
         world = toyworld.ensure()
-        cfg.input = cfg.input or [os.path.join(world, "pool")]
-        cfg.tokenizer = cfg.tokenizer or os.path.join(world, "tokenizer.json")
-    tok, pixels, ids, skipped = TextTokenizer(cfg.tokenizer, cfg.text_len, cfg.pad_token), [], [], Counter()
+        cfg.input, cfg.tokenizer = cfg.input or [f"{world}/pool"], cfg.tokenizer or f"{world}/tokenizer.json"
+    tok, pixels, ids, skipped = W.SiglipTokenizer(cfg.tokenizer, 64, cfg.pad_token), [], [], Counter()
     for src in pack.resolve_inputs(cfg.input):  # the whole set in memory: the toy pool is 20k x 64 px
-        for rows, px in shard_batches(src, 512, cfg.image_size, cfg.workers):
+        for rows, px in shard_batches(src, 512, cfg.image_size, 2):
             pixels.append(px)
             ids += [tok.encode(r["caption"]) for r in rows if r["error"] is None]
             skipped.update(r["error"].split(":")[0] for r in rows if r["error"])
     pixels, ids, (w, L) = torch.cat(pixels), torch.tensor(ids), (cfg.width, cfg.layers)
     print(f"train: {len(ids):,} pairs, skipped {dict(skipped)}", file=sys.stderr)
     torch.manual_seed(cfg.seed)
-    net = M.Siglip(M.VisionConfig(cfg.image_size, cfg.patch_size, w, 2 * w, L, max(1, w // 32)),
-                   M.TextConfig(tok.vocab_size, w, 2 * w, L, max(1, w // 32), cfg.text_len, w))
+    net = M.Siglip(M.VisionConfig(cfg.image_size, cfg.image_size // 8, w, 2 * w, L, max(1, w // 32)),
+                   M.TextConfig(tok.vocab_size, w, 2 * w, L, max(1, w // 32), 64, w))
     for name, p in net.named_parameters():  # roughly HF's init; then t = log 10 and b = -10, the paper's start
         p.data = torch.zeros_like(p) if name.endswith("bias") else torch.ones_like(p) if p.dim() == 1 else \
             torch.randn_like(p) * 0.02
     net.logit_scale.data.fill_(math.log(10.0)), net.logit_bias.data.fill_(-10.0)
-    opt, gen, t0 = torch.optim.AdamW(net.parameters(), cfg.lr, weight_decay=0.1), torch.Generator(), time.time()
-    gen.manual_seed(cfg.seed)
+    opt, gen = torch.optim.AdamW(net.parameters(), cfg.lr, weight_decay=0.1), torch.Generator().manual_seed(cfg.seed)
+    t0 = time.time()
     for step in range(1, cfg.steps + 1):
         for g in opt.param_groups:  # linear warmup over 5% of the steps, then cosine to 0
             g["lr"] = cfg.lr * min(1, step / max(1, cfg.steps // 20)) * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
@@ -384,9 +293,8 @@ def train(cfg: TrainConfig) -> dict:
         loss.backward()
         opt.step()
         if step % 50 == 0 or step == cfg.steps:
-            dt = time.time() - t0
-            print(f"train: step {step}/{cfg.steps} loss {loss.item():.3f} {step * len(pick) / dt:,.0f} pairs/s "
-                  f"ETA {dt / step * (cfg.steps - step) / 60:.1f} min", file=sys.stderr, flush=True)
+            print(f"train: step {step}/{cfg.steps} loss {loss.item():.3f} {step * len(pick) / (time.time() - t0):,.0f} "
+                  f"pairs/s ETA {(time.time() - t0) / step * (cfg.steps - step) / 60:.1f} min", file=sys.stderr)
     W.save_siglip(cfg.out, net, cfg.tokenizer, (tok.pad, tok.pad_id), (tok.pad, tok.pad_id))
     return {"pairs": len(ids), "loss": loss.item(), "seconds": time.time() - t0}
 
@@ -433,11 +341,10 @@ class SelectConfig:
 
 
 def select(cfg: SelectConfig) -> dict:
-    n_src = len(cfg.scores) + len(cfg.uids)
-    if not cfg.out or not n_src or (cfg.union and cfg.intersect) or (n_src > 1 and not (cfg.union or cfg.intersect)):
-        raise SystemExit("select: --out, at least one --scores/--uids, and with several sources --union or --intersect")
-    if not 0 <= cfg.top_fraction <= 1:
-        raise SystemExit("select: --top-fraction is in [0, 1]")
+    n = len(cfg.scores) + len(cfg.uids)
+    if not cfg.out or not n or n > 1 and not (cfg.union or cfg.intersect) or cfg.union and cfg.intersect or \
+            not 0 <= cfg.top_fraction <= 1:
+        raise SystemExit("select: --out, a --scores or --uids source (several: --union or --intersect); F in [0, 1]")
     sets, summary = [], []
     for spec in cfg.scores:
         d, _, m = spec.rpartition(":") if re.fullmatch(r".+:-?[\d.]+(e-?\d+)?", spec) else (spec, "", "")
@@ -453,17 +360,13 @@ def select(cfg: SelectConfig) -> dict:
             keep = [x for x in keep if id(x) in top]
         pairs = [p for x in keep if (p := uid_pair(x["uid"])) is not None]
         sets.append(np.unique(np.array(pairs, dtype=UID)))
-        summary.append({"source": spec, "lines": len(lines), "errors": sum(x["error"] is not None for x in lines),
-                        "scored": len(scored), "kept": len(keep), "kept_without_uid": len(keep) - len(pairs),
-                        "unique_uids": len(sets[-1])})
+        summary.append({"source": spec, "lines": len(lines), "scored": len(scored), "kept": len(keep),
+                        "kept_without_uid": len(keep) - len(pairs), "unique_uids": len(sets[-1])})
     for path in cfg.uids:
-        a = load_uids(path)
-        sets.append(np.unique(a))
+        sets.append(np.unique(a := load_uids(path)))
         summary.append({"source": path, "uids": len(a), "unique_uids": len(sets[-1])})
     union = np.unique(np.concatenate(sets))
-    inter = sets[0]
-    for s in sets[1:]:
-        inter = np.intersect1d(inter, s)
+    inter = functools.reduce(np.intersect1d, sets)
     out = inter if cfg.intersect else union
     save_npy(cfg.out, out)
     total = {"sources": summary, "union": len(union), "intersection": len(inter), "kept": len(out),
@@ -508,10 +411,9 @@ def kept_samples(src: str, uids: np.ndarray, counts: Counter):
             counts["dropped"] += 1
 
 
-def count_shard(job) -> dict:
+def count_shard(job) -> dict:  # pass 1: counts only
     counts = Counter()
-    for _ in kept_samples(job[0], np.load(job[1], mmap_mode="r"), counts):
-        pass
+    sum(1 for _ in kept_samples(job[0], np.load(job[1], mmap_mode="r"), counts))
     return dict(counts)
 
 
@@ -554,11 +456,11 @@ def reshard(cfg: ReshardConfig) -> dict:
     for p in glob.glob(os.path.join(glob.escape(out), ".*.tmp")):
         os.remove(p)  # left by a killed run
     uids = np.unique(load_uids(cfg.uids))  # sorted and unique whatever the file was: searchsorted needs it
-    save_npy(sorted_uids := os.path.join(out, "uids.npy"), uids)
     table = {"inputs": sources, "shard_size": S, "uids_sha256": hashlib.sha256(uids.tobytes()).hexdigest()}
     sizes = json.load(open(p)) if os.path.isfile(p := os.path.join(out, "sizes.json")) else None
     if sizes is not None and {k: sizes[k] for k in table} != table:
         raise SystemExit(f"reshard: {out} was made from other inputs, uids or shard size; use a new --out")
+    save_npy(sorted_uids := os.path.join(out, "uids.npy"), uids)
     with multiprocessing.Pool(max(1, cfg.workers or len(os.sched_getaffinity(0)))) as pool:
         if sizes is None:
             sizes = {**table, "counts": pool.map(count_shard, [(s, sorted_uids) for s in sources], chunksize=1)}
@@ -568,9 +470,8 @@ def reshard(cfg: ReshardConfig) -> dict:
         ends, n_out = np.cumsum([0] + kept).tolist(), -(-sum(kept) // S)
         jobs = [(j, [(s, max(j * S, e0) - e0, min((j + 1) * S, e1) - e0) for s, e0, e1 in zip(sources, ends, ends[1:])
                      if e0 < (j + 1) * S and e1 > j * S], sorted_uids, out) for j in range(n_out) if not _finished(out, j)]
-        progress = Progress("reshard", len(jobs))
-        for stats in pool.imap_unordered(write_output, jobs):
-            progress.step(stats["samples"])
+        for done, stats in enumerate(pool.imap_unordered(write_output, jobs), 1):
+            progress("reshard", done, len(jobs), done * S, t0)
     shards = [json.load(open(f"{out}/{j:08d}_stats.json")) for j in range(n_out)]
     c = sum((Counter(c) for c in sizes["counts"]), Counter())
     errors = {k.removeprefix("error "): v for k, v in c.items() if k.startswith("error ")}
@@ -592,8 +493,7 @@ def main(argv: list[str] | None = None):
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] not in COMMANDS:
         raise SystemExit(f"usage: filter.py {{{','.join(COMMANDS)}}} --help")
-    cls, run = COMMANDS[argv[0]]
-    return run(M.parse_config(cls, argv[1:]))
+    return COMMANDS[argv[0]][1](M.parse_config(COMMANDS[argv[0]][0], argv[1:]))
 
 
 if __name__ == "__main__":

@@ -305,6 +305,64 @@ def save_siglip(out_dir: str, model: Siglip, tokenizer: str, pad: tuple[str, int
     M.write_json(os.path.join(out_dir, "config.json"), siglip_hf_config(model, pad[1], eos[1]))
 
 
+# The reader of a SigLIP checkpoint's tokenizer: text preprocessing equal to transformers' SiglipProcessor(text,
+# padding="max_length", max_length=64, truncation=True). The text tower pools the last position: padding counts.
+
+SPIECE = "\u2581"  # SentencePiece's word marker
+NO_PUNCT = str.maketrans("", "", r"""!"#$%&'()*+,-./:;<=>?@[\]^_`{|}~""")  # string.punctuation, ASCII
+
+
+class SiglipTokenizer:
+    """A SigLIP checkpoint's tokenizer: `spiece.model` as transformers' SiglipTokenizer runs it (lower-case, ASCII
+    punctuation removed, whitespace collapsed, `</s>` appended, padded with `</s>`), or a `tokenizer.json` (a dir's,
+    or the file) as it says (normalizer, post-processor), padded with tokenizer_config.json's or `pad`'s token. Both
+    truncate to `length` keeping the closing special token, as truncation=True does."""
+
+    def __init__(self, src: str, length: int = 64, pad: str | None = None):
+        d = src if os.path.isdir(src) else os.path.dirname(src)
+        cfg = json.load(open(p)) if os.path.isfile(p := os.path.join(d, "tokenizer_config.json")) else {}
+        token = lambda k, v: x["content"] if isinstance(x := cfg.get(k, v), dict) else x  # noqa: E731
+        self.length, self.sp, self.pad = length, None, pad or token("pad_token", "</s>")
+        if os.path.isdir(src) and os.path.isfile(sp := os.path.join(d, "spiece.model")):
+            import sentencepiece
+            if cfg.get("additional_special_tokens"):
+                raise ValueError(f"{p}: additional_special_tokens are not supported")
+            self.sp, self.lower = sentencepiece.SentencePieceProcessor(model_file=sp), cfg.get("do_lower_case", True)
+            eos, self.unk = token("eos_token", "</s>"), token("unk_token", "<unk>")
+            self.special = {t: self.sp.piece_to_id(t) for t in (eos, self.unk, self.pad)}
+            self.split = re.compile("(" + "|".join(map(re.escape, sorted(self.special, key=len)[::-1])) + ")")
+            self.unk_len = len(self.sp.encode(self.unk, out_type=str))
+            self.eos_id, self.pad_id, self.vocab_size = self.special[eos], self.special[self.pad], len(self.sp)
+        elif os.path.isfile(tj := os.path.join(src, "tokenizer.json") if os.path.isdir(src) else src):
+            import tokenizers
+            self.tok = tokenizers.Tokenizer.from_file(tj)
+            if (pad_id := self.tok.token_to_id(self.pad)) is None:
+                raise ValueError(f"{src}: pad token {self.pad!r} (tokenizer_config.json) is not in {tj}")
+            self.tok.enable_truncation(length)
+            self.tok.enable_padding(length=length, pad_id=pad_id, pad_token=self.pad)
+            self.pad_id, self.vocab_size = pad_id, self.tok.get_vocab_size()
+        else:
+            raise FileNotFoundError(f"{src}: no spiece.model or tokenizer.json")
+
+    def _pieces(self, text: str) -> list[str]:  # SiglipTokenizer._tokenize: canonicalize, then encode after <unk>
+        text = re.sub(r"\s+", " ", (text.lower() if self.lower else text).translate(NO_PUNCT)).strip()
+        pieces = self.sp.encode(self.unk + text, out_type=str)  # the prefix stops SentencePiece eating the marker
+        return pieces[self.unk_len:] if len(pieces) >= self.unk_len else pieces
+
+    def encode(self, text: str) -> list[int]:
+        if self.sp is None:
+            return self.tok.encode(text).ids
+        parts = self.split.split(SPIECE + text.replace(SPIECE, " "))  # odd parts: special tokens, which strip the
+        for i in range(1, len(parts), 2):  # spaces beside them (lstrip/rstrip) and are never split
+            parts[i - 1], parts[i + 1] = parts[i - 1].rstrip(), parts[i + 1].lstrip()
+        pieces = [p for i, part in enumerate(parts) for p in ([part] if i % 2 else self._pieces(part) if part else [])]
+        if len(pieces) > 1 and pieces[0] == SPIECE and pieces[1] in self.special:
+            pieces = pieces[1:]
+        ids = [self.special[p] if p in self.special else self.sp.piece_to_id(p) for p in pieces][: self.length - 1]
+        ids += [] if ids and ids[-1] == self.eos_id else [self.eos_id]
+        return ids + [self.pad_id] * (self.length - len(ids))
+
+
 def build_vlm(vision: str, llm: str, image_tokens: int = 144, act: str | None = None, dtype=None) -> VLM:
     """The pre-training start (§3.1): pretrained SigLIP and Qwen2 (local dirs or hub ids), a fresh projector."""
     v, q = load_vision(vision, act=act, dtype=dtype), load_qwen(llm, dtype=dtype)

@@ -109,7 +109,7 @@ def main():
     tmp = tempfile.mkdtemp()
     try:
         tok = os.path.join(world, "tokenizer.json")
-        w, L, vocab = cfg.width, cfg.layers, FL.TextTokenizer(tok, 64, "<|endoftext|>").vocab_size
+        w, L, vocab = cfg.width, cfg.layers, W.SiglipTokenizer(tok, 64, "<|endoftext|>").vocab_size
         random_siglip(os.path.join(tmp, "m"), tok, M.VisionConfig(cfg.image_size, cfg.patch_size, w, 4 * w, L, w // 32),
                       M.TextConfig(vocab, w, 4 * w, L, w // 32, 64, w))
         n = sum(sum(1 for _ in pack.read_tar(s)) for s in shards)
@@ -144,14 +144,14 @@ def gpu_section_filter(smoke: bool) -> dict:
     as projected H200-hours for DataComp-medium's 128M pairs."""
     import toyworld
     assert torch.cuda.is_available(), "gpu_section_filter needs a GPU"
-    world = toyworld.ensure(n_pool=2500 if smoke else 20000)
+    world = toyworld.ensure()  # the default world: 8 shards of 2500 pairs at 64 px (upscaled to 384)
     pool = os.path.join(world, "pool")
     shards = sorted(os.path.join(pool, f) for f in os.listdir(pool))[: 1 if smoke else 2]
     tok = os.path.join(world, "tokenizer.json")
     tmp = tempfile.mkdtemp()
     try:
         random_siglip(os.path.join(tmp, "m"), tok, M.VisionConfig(),  # so400m/14@384, its text tower's shape
-                      M.TextConfig(FL.TextTokenizer(tok, 64, "<|endoftext|>").vocab_size))
+                      M.TextConfig(W.SiglipTokenizer(tok, 64, "<|endoftext|>").vocab_size))
         dev = torch.device("cuda")
         fast = W.load_siglip(os.path.join(tmp, "m"), dtype=torch.bfloat16).to(dev).eval()
         px, ids = torch.randn(256, 3, 384, 384, device=dev, dtype=torch.bfloat16), torch.zeros(256, 64, dtype=torch.long,
