@@ -123,8 +123,8 @@ class ScoreConfig:  # score's flags, and mlm's
 
 
 def run_shards(what: str, cfg, settings: dict, image_size: int, fields: tuple, score_batch) -> dict:
-    """This rank's unfinished input shards -> out/NAME.jsonl each; score_batch(rows, pixels) gives `fields` (or an
-    error) per decoded row. settings.json pins what lines depend on: a rerun with another model cannot mix in."""
+    """This rank's unfinished shards -> out/NAME.jsonl each; score_batch(rows, pixels) gives `fields` (or an error)
+    per decoded row. settings.json pins what lines depend on: a rerun with another model cannot mix in."""
     if not (cfg.input and cfg.model and cfg.out):
         raise SystemExit(f"{what}: --input, --model and --out are required")
     sources, out = pack.resolve_inputs(cfg.input), cfg.out
@@ -132,7 +132,8 @@ def run_shards(what: str, cfg, settings: dict, image_size: int, fields: tuple, s
     os.makedirs(out, exist_ok=True)
     if os.path.isfile(pinned := os.path.join(out, "settings.json")) and json.load(open(pinned)) != settings:
         raise SystemExit(f"{what}: {out} holds lines made with {json.load(open(pinned))}, not {settings}")
-    M.write_json(pinned, settings)
+    if rank == 0:  # one writer: ranks sharing one temp name would race
+        M.write_json(pinned, settings)
     todo = [(s, n) for i, (s, n) in enumerate(zip(sources, names))
             if i % world == rank and not os.path.isfile(os.path.join(out, n + ".jsonl"))]
     counts, t0 = Counter(), time.time()
@@ -162,8 +163,7 @@ def score(cfg: ScoreConfig) -> dict:
     @torch.no_grad()
     def score_batch(rows, px):
         i = F.normalize(net.image_embeds(M.normalize_pixels(px.to(dev), dtype)).float(), dim=-1)
-        t = F.normalize(net.text_embeds(torch.tensor([tok.encode(r["caption"]) for r in rows], device=dev)).float(),
-                        dim=-1)
+        t = F.normalize(net.text_embeds(torch.tensor([tok.encode(r["caption"]) for r in rows], device=dev)).float(), -1)
         cos = (i * t).sum(-1)
         prob = torch.sigmoid(cos * net.logit_scale.float().exp() + net.logit_bias.float())
         return [{"score": c, "prob": p} for c, p in zip(cos.tolist(), prob.tolist())]

@@ -9,6 +9,7 @@ the same shards in one CPU run; then the projected GPU-hours to score DataComp-m
 
 gpu_section_filter(smoke) is the GPU check's filter section (bench/gpu.py calls it): so400m scoring end to end.
 """
+import glob
 import io
 import json
 import os
@@ -37,7 +38,8 @@ class Config:
     image_size: int = 64
     patch_size: int = 8
     batch_size: int = 64
-    workers: int = 2
+    workers: int = 1  # decode processes beside the model's threads (a 2-core machine has no room for more)
+    repeats: int = 2
     h200_tflops: float = 989.0  # dense bf16 peak
     mfu: float = 0.4  # assumed for the projection
 
@@ -112,18 +114,21 @@ def main():
         w, L, vocab = cfg.width, cfg.layers, W.SiglipTokenizer(tok, 64, "<|endoftext|>").vocab_size
         random_siglip(os.path.join(tmp, "m"), tok, M.VisionConfig(cfg.image_size, cfg.patch_size, w, 4 * w, L, w // 32),
                       M.TextConfig(vocab, w, 4 * w, L, w // 32, 64, w))
-        n = sum(sum(1 for _ in pack.read_tar(s)) for s in shards)
-        t0 = time.time()
-        FL.main(["score", "--input", *shards, "--model", os.path.join(tmp, "m"), "--out", os.path.join(tmp, "s"),
-                 "--batch-size", str(cfg.batch_size), "--workers", str(cfg.workers)])
-        ours = n / (time.time() - t0)
-        t0 = time.time()
-        m = sum(hf_score(os.path.join(tmp, "m"), s, cfg.batch_size) for s in shards)
-        theirs = m / (time.time() - t0)
+        n, best = sum(sum(1 for _ in pack.read_tar(s)) for s in shards), {"ours": 1e9, "theirs": 1e9}
+        for r in range(cfg.repeats):  # interleaved, best of each: the machine may be shared
+            t0 = time.time()
+            FL.main(["score", "--input", *shards, "--model", os.path.join(tmp, "m"), "--out",
+                     os.path.join(tmp, f"s{r}"), "--batch-size", str(cfg.batch_size), "--workers", str(cfg.workers)])
+            best["ours"] = min(best["ours"], time.time() - t0)
+            t0 = time.time()
+            m = sum(hf_score(os.path.join(tmp, "m"), s, cfg.batch_size) for s in shards)
+            best["theirs"] = min(best["theirs"], time.time() - t0)
+        ours, theirs = n / best["ours"], m / best["theirs"]
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print(f"score, {n} pairs, SigLIP width {cfg.width} x {cfg.layers} layers at {cfg.image_size} px, batch "
-          f"{cfg.batch_size}, {cfg.workers} decode workers, {torch.get_num_threads()} torch threads:")
+          f"{cfg.batch_size}, {cfg.workers} decode workers, {torch.get_num_threads()} torch threads, best of "
+          f"{cfg.repeats} interleaved runs each:")
     print(f"  filter.py score            {ours:8.1f} samples/s (every line written, errors included)")
     print(f"  transformers SiglipModel   {theirs:8.1f} samples/s ({m} scorable pairs, no output written)")
     print(f"  ratio                      {ours / theirs:8.2f}x")
@@ -138,46 +143,46 @@ def main():
     return {"ours": ours, "transformers": theirs, **p}
 
 
-def gpu_section_filter(smoke: bool) -> dict:
+def gpu_section_filter(smoke: bool, vision: M.VisionConfig | None = None, text_layers: int = 27) -> dict:
     """GPU check: a random SigLIP-so400m/14@384 (HF layout, bf16) scores toy-world pool shards end to end through
-    `filter.py score` (decode workers, batching, jsonl), and the towers alone on random pixels; both as pairs/s and
-    as projected H200-hours for DataComp-medium's 128M pairs."""
+    `filter.py score` (decode workers, batching, jsonl), and its towers alone on random pixels; both as pairs/s and
+    as projected H200-hours for DataComp-medium's 128M pairs. (vision/text_layers shrink it for a CPU dry run.)"""
     import toyworld
-    assert torch.cuda.is_available(), "gpu_section_filter needs a GPU"
-    world = toyworld.ensure()  # the default world: 8 shards of 2500 pairs at 64 px (upscaled to 384)
+    cuda = torch.cuda.is_available()
+    world = toyworld.ensure()  # the default world: 8 shards of 2500 pairs at 64 px (upscaled to the tower's size)
     pool = os.path.join(world, "pool")
     shards = sorted(os.path.join(pool, f) for f in os.listdir(pool))[: 1 if smoke else 2]
     tok = os.path.join(world, "tokenizer.json")
-    tmp = tempfile.mkdtemp()
+    v = vision or M.VisionConfig()  # so400m/14@384, and a text tower of its shape
+    t = M.TextConfig(W.SiglipTokenizer(tok, 64, "<|endoftext|>").vocab_size, v.hidden_size, v.intermediate_size,
+                     text_layers, v.num_heads, 64, v.hidden_size)
+    tmp, dev, dtype = tempfile.mkdtemp(), torch.device("cuda" if cuda else "cpu"), torch.bfloat16 if cuda else None
     try:
-        random_siglip(os.path.join(tmp, "m"), tok, M.VisionConfig(),  # so400m/14@384, its text tower's shape
-                      M.TextConfig(W.SiglipTokenizer(tok, 64, "<|endoftext|>").vocab_size))
-        dev = torch.device("cuda")
-        fast = W.load_siglip(os.path.join(tmp, "m"), dtype=torch.bfloat16).to(dev).eval()
-        px, ids = torch.randn(256, 3, 384, 384, device=dev, dtype=torch.bfloat16), torch.zeros(256, 64, dtype=torch.long,
-                                                                                                  device=dev)
+        random_siglip(os.path.join(tmp, "m"), tok, v, t)
+        net, B, steps = W.load_siglip(os.path.join(tmp, "m"), dtype=dtype).to(dev).eval(), 256, 3 if smoke else 6
+        px = torch.randn(B, 3, v.image_size, v.image_size, device=dev, dtype=dtype)
+        ids = torch.zeros(B, 64, dtype=torch.long, device=dev)
         with torch.no_grad():
-            for k in range(3 if smoke else 6):
-                if k == 1:
-                    torch.cuda.synchronize()
+            for k in range(steps):
+                if k == 1:  # the first is warm-up
+                    torch.cuda.synchronize() if cuda else None
                     t0 = time.time()
-                fast.image_embeds(px), fast.text_embeds(ids)
-            torch.cuda.synchronize()
-        towers = 256 * ((3 if smoke else 6) - 1) / (time.time() - t0)
-        del fast
-        n = sum(sum(1 for _ in pack.read_tar(s)) for s in shards)
-        t0 = time.time()
+                net.image_embeds(px), net.text_embeds(ids)
+            torch.cuda.synchronize() if cuda else None
+        towers = B * (steps - 1) / (time.time() - t0)
+        del net
+        n, t0 = sum(sum(1 for _ in pack.read_tar(s)) for s in shards), time.time()
         FL.main(["score", "--input", *shards, "--model", os.path.join(tmp, "m"), "--out", os.path.join(tmp, "s"),
-                 "--batch-size", "256", "--workers", str(min(12, os.cpu_count() or 1))])
+                 "--batch-size", str(B), "--workers", str(min(12, os.cpu_count() or 1))])
         end_to_end = n / (time.time() - t0)
-        lines = sum(1 for f in os.listdir(os.path.join(tmp, "s")) if f.endswith(".jsonl")
-                    for _ in open(os.path.join(tmp, "s", f)))
+        lines = sum(1 for f in glob.glob(os.path.join(tmp, "s", "*.jsonl")) for _ in open(f))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    flops = siglip_flops_per_pair(M.VisionConfig(), M.TextConfig())
+    flops = siglip_flops_per_pair(v, t)
     return {"pairs": n, "lines": lines, "end_to_end_pairs_per_s": end_to_end, "towers_pairs_per_s": towers,
             "towers_tflops": towers * flops / 1e12, "h200_hours_end_to_end": DATACOMP_MEDIUM / end_to_end / 3600,
-            "h200_hours_towers": DATACOMP_MEDIUM / towers / 3600, "device": torch.cuda.get_device_name()}
+            "h200_hours_towers": DATACOMP_MEDIUM / towers / 3600,
+            "device": torch.cuda.get_device_name() if cuda else "cpu"}
 
 
 if __name__ == "__main__":
