@@ -6,6 +6,7 @@ the same shards in one CPU run; then the projected GPU-hours to score DataComp-m
 
     python bench/filter.py                      # toy world pool shard(s), a random SigLIP of --width
     python bench/filter.py --shards 2 --width 256 --image-size 224
+    python bench/filter.py --toy                # the toy filter: train, score, select 0.9; P/R of the dropped set
 
 gpu_section_filter(smoke) is the GPU check's filter section (bench/gpu.py calls it): so400m scoring end to end.
 """
@@ -19,6 +20,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -40,6 +42,7 @@ class Config:
     batch_size: int = 64
     workers: int = 1  # decode processes beside the model's threads (a 2-core machine has no room for more)
     repeats: int = 2
+    toy: bool = False  # instead: the toy filter acceptance (train, score, select --top-fraction 0.9) against the manifest
     h200_tflops: float = 989.0  # dense bf16 peak
     mfu: float = 0.4  # assumed for the projection
 
@@ -103,8 +106,31 @@ def hf_score(model_dir, shard, batch_size):
     return len(samples)
 
 
+def toy_filter(out: str = "runs/toy-filter") -> dict:
+    """filter.py train, score, select --top-fraction 0.9 on the toy world; the dropped scored samples against the
+    manifest's wrong captions (10% of the pool)."""
+    import toyworld
+    world, t0 = toyworld.ensure(), time.time()
+    FL.main(["train", "--out", f"{out}/siglip"])
+    t_train = time.time() - t0
+    FL.main(["score", "--input", f"{world}/pool", "--model", f"{out}/siglip", "--out", f"{out}/scores",
+             "--batch-size", "256"])
+    FL.main(["select", "--scores", f"{out}/scores", "--top-fraction", "0.9", "--out", f"{out}/keep.npy"])
+    keep = set(map(tuple, np.load(f"{out}/keep.npy").tolist()))
+    wrong = set(json.load(open(f"{world}/manifest.json"))["pool"]["wrong_caption"])
+    lines = [json.loads(s) for f in sorted(glob.glob(f"{out}/scores/*.jsonl")) for s in open(f)]
+    dropped = {x["key"] for x in lines if x["error"] is None and FL.uid_pair(x["uid"]) not in keep}
+    r = {"dropped": len(dropped), "wrong": len(wrong), "precision": len(dropped & wrong) / len(dropped),
+         "recall": len(dropped & wrong) / len(wrong), "train_s": t_train, "total_s": time.time() - t0}
+    print(f"toy filter: precision {r['precision']:.4f}, recall {r['recall']:.4f} ({r['dropped']} dropped, "
+          f"{r['wrong']} wrong captions); train {t_train / 60:.1f} min, all {r['total_s'] / 60:.1f} min")
+    return r
+
+
 def main():
     cfg = M.parse_config(Config)
+    if cfg.toy:
+        return toy_filter()
     import toyworld
     world = toyworld.ensure()
     shards = sorted(os.path.join(world, "pool", f) for f in os.listdir(os.path.join(world, "pool")))[: cfg.shards]
