@@ -7,7 +7,7 @@ samples into new shards (`reshard`), and `train`, the toy world's SigLIP (no pre
         --model runs/siglip-toy --out runs/scores && python filter.py select --scores runs/scores --top-fraction 0.9 \
         --out runs/keep.npy && python filter.py reshard --input cache/toyworld/pool --uids runs/keep.npy --out runs/f
     torchrun --nproc_per_node=8 filter.py mlm --input '/data/dc/{00000000..00012895}.tar' --out /data/su \
-        --model weizhiwang/mlm-filter-qwen2.5-1.5b-gpt4o        # then: select --scores /data/su:85 --uids dfn.npy --union
+        --model weizhiwang/mlm-filter-qwen2.5-1.5b-gpt4o   # then: select --scores /data/su:85 --uids dfn.npy --union
 
 score/mlm write SCORES/NAME.jsonl per input shard (NAME as pack.py's), one line per sample, errors included. Rank r
 of torchrun (RANK/WORLD_SIZE, across nodes too) takes shards r, r + world, ...; batches never cross shards, so lines
@@ -128,7 +128,7 @@ def run_shards(what: str, cfg, settings: dict, image_size: int, fields: tuple, s
     if not (cfg.input and cfg.model and cfg.out):
         raise SystemExit(f"{what}: --input, --model and --out are required")
     sources, out = pack.resolve_inputs(cfg.input), cfg.out
-    names, rank, world = pack.output_names(sources), int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    names, rank, world = pack.output_names(sources), int(os.environ.get("RANK", 0)), int(os.getenv("WORLD_SIZE", 1))
     os.makedirs(out, exist_ok=True)
     if os.path.isfile(pinned := os.path.join(out, "settings.json")) and json.load(open(pinned)) != settings:
         raise SystemExit(f"{what}: {out} holds lines made with {json.load(open(pinned))}, not {settings}")
@@ -158,7 +158,7 @@ def run_shards(what: str, cfg, settings: dict, image_size: int, fields: tuple, s
 def score(cfg: ScoreConfig) -> dict:
     dev, dtype = device_dtype(cfg.precision)
     d = W.resolve(cfg.model, ("*.json", "*.safetensors", "spiece.model"))
-    net, tok = W.load_siglip(d, dtype=dtype).to(dev).eval(), W.SiglipTokenizer(d, 64)  # SiglipProcessor's max_length
+    net, tok = W.load_siglip(d, dtype=dtype).to(dev).eval(), M.SiglipTokenizer(d, 64)  # SiglipProcessor's max_length
 
     @torch.no_grad()
     def score_batch(rows, px):
@@ -228,8 +228,8 @@ def mlm(cfg: MLMConfig) -> dict:
     def score_batch(rows, px):
         keep = [k for k, r in enumerate(rows) if "<image>" not in r["caption"]]  # it would ask for a second image
         # greedy, 2 new tokens; pads masked (VLM.generate), unlike the reference's, so scores do not move with batches
-        new = judge.generate([mlm_ids(tok, rows[k]["caption"], cfg.metric) for k in keep],
-                             M.normalize_pixels(px[keep].to(dev), dtype), max_new_tokens=2, stop_ids=stop) if keep else []
+        new = judge.generate([mlm_ids(tok, rows[k]["caption"], cfg.metric) for k in keep], M.normalize_pixels(
+            px[keep].to(dev), dtype), max_new_tokens=2, stop_ids=stop) if keep else []
         raw = dict(zip(keep, (tok.decode(ids, skip_special_tokens=True) for ids in new)))
         return [{"raw": raw[k], "score": parse_score(raw[k])} if k in raw else
                 {"error": "bad caption: contains <image>"} for k in range(len(rows))]
@@ -265,7 +265,7 @@ def train(cfg: TrainConfig) -> dict:
         import toyworld
         world = toyworld.ensure()
         cfg.input, cfg.tokenizer = cfg.input or [f"{world}/pool"], cfg.tokenizer or f"{world}/tokenizer.json"
-    tok, pixels, ids, skipped = W.SiglipTokenizer(cfg.tokenizer, 64, cfg.pad_token), [], [], Counter()
+    tok, pixels, ids, skipped = M.SiglipTokenizer(cfg.tokenizer, 64, cfg.pad_token), [], [], Counter()
     for src in pack.resolve_inputs(cfg.input):  # the whole set in memory: the toy pool is 20k x 64 px
         for rows, px in shard_batches(src, 512, cfg.image_size, 2):
             pixels.append(px)
@@ -275,7 +275,7 @@ def train(cfg: TrainConfig) -> dict:
     print(f"train: {len(ids):,} pairs, skipped {dict(skipped)}", file=sys.stderr)
     torch.manual_seed(cfg.seed)
     net = M.Siglip(M.VisionConfig(cfg.image_size, cfg.image_size // 8, w, 2 * w, L, max(1, w // 32)),
-                   M.TextConfig(tok.vocab_size, w, 2 * w, L, max(1, w // 32), 64, w))
+                   M.TextConfig(tok.tok.get_vocab_size(), w, 2 * w, L, max(1, w // 32), 64, w))
     for name, p in net.named_parameters():  # roughly HF's init; then t = log 10 and b = -10, the paper's start
         p.data = torch.zeros_like(p) if name.endswith("bias") else torch.ones_like(p) if p.dim() == 1 else \
             torch.randn_like(p) * 0.02
@@ -353,7 +353,7 @@ def select(cfg: SelectConfig) -> dict:
             raise SystemExit(f"select: no score files (*.jsonl) in {d}")
         lines = [json.loads(s) for f in files for s in open(f)]
         scored = [x for x in lines if x["error"] is None and x["score"] is not None]
-        keep = [x for x in scored if (not m or x["score"] >= float(m)) and (not cfg.status or x["status"] == cfg.status)]
+        keep = [x for x in scored if (not m or x["score"] >= float(m)) and cfg.status in ("", x["status"])]
         if cfg.top_fraction:  # exactly round(F * n) of the n scored lines; ties broken by uid, then key
             best = sorted(scored, key=lambda x: (-x["score"], str(x["uid"]), x["key"]))
             top = {id(x) for x in best[: math.floor(cfg.top_fraction * len(scored) + 0.5)]}
@@ -433,8 +433,7 @@ def write_output(job) -> dict:
                 f.writelines(pack.tar_member(f"{new}.{ext}", data) for ext, (data, _) in members.items())
         f.write(bytes(1024))
     os.replace(tmp, path := os.path.join(out, f"{j:08d}.tar"))
-    stats = {"shard": j, "samples": len(taken), "renamed": renamed, "bytes": os.path.getsize(path),
-             "sources": [s for s, *_ in slices]}
+    stats = {"shard": j, "samples": len(taken), "renamed": renamed, "bytes": os.path.getsize(path)}
     M.write_json(os.path.join(out, f"{j:08d}_stats.json"), stats)
     return stats
 
@@ -469,14 +468,15 @@ def reshard(cfg: ReshardConfig) -> dict:
         kept = [c.get("kept", 0) for c in sizes["counts"]]
         ends, n_out = np.cumsum([0] + kept).tolist(), -(-sum(kept) // S)
         jobs = [(j, [(s, max(j * S, e0) - e0, min((j + 1) * S, e1) - e0) for s, e0, e1 in zip(sources, ends, ends[1:])
-                     if e0 < (j + 1) * S and e1 > j * S], sorted_uids, out) for j in range(n_out) if not _finished(out, j)]
+                     if e0 < (j + 1) * S and e1 > j * S], sorted_uids, out)
+                for j in range(n_out) if not _finished(out, j)]
         for done, stats in enumerate(pool.imap_unordered(write_output, jobs), 1):
             progress("reshard", done, len(jobs), done * S, t0)
     shards = [json.load(open(f"{out}/{j:08d}_stats.json")) for j in range(n_out)]
     c = sum((Counter(c) for c in sizes["counts"]), Counter())
     errors = {k.removeprefix("error "): v for k, v in c.items() if k.startswith("error ")}
     total = {"seen": c["seen"], "kept": c["kept"], "dropped": c["dropped"], "errors": errors, "shards": n_out,
-             "renamed": sum(s["renamed"] for s in shards), "uids_listed": len(uids), "seconds": round(time.time() - t0, 1)}
+             "renamed": sum(s["renamed"] for s in shards), "uids_listed": len(uids), "seconds": time.time() - t0}
     # counts in == counts out: every sample read is kept, dropped or an error; every kept one is in an output shard
     if c["seen"] != c["kept"] + c["dropped"] + sum(errors.values()) or sum(s["samples"] for s in shards) != c["kept"]:
         raise RuntimeError(f"reshard: counts do not add up: {total}")

@@ -1,11 +1,8 @@
 """
-Open-Qwen2VL's ground floor: SigLIP vision and text towers, the average-pooling projector, the Qwen2 decoder, the
-VLM that splices image features into the token stream, our own checkpoint format, the tokenizer and prompt formats,
-image preprocessing, and the small command-line config parser every stage uses. Foreign checkpoint formats (HF,
-timm, the official .pt, LLaVA) are in weights.py, which builds on this file.
-
-Spec: ../shared/design/reference.md (section numbers below refer to it). Plain PyTorch; attention goes through
-F.scaled_dot_product_attention, or flex attention on GPU for document-masked packed rows.
+Open-Qwen2VL's ground floor: the SigLIP towers, the pooling projector, the Qwen2 decoder, the VLM that splices image
+features into the token stream, our own checkpoint format, tokenizer and prompt formats, image preprocessing, and the
+config parser every stage uses. Foreign checkpoint formats are in weights.py, which builds on this file.
+Spec: ../shared/design/reference.md (section numbers below refer to it). Plain PyTorch.
 """
 from __future__ import annotations
 
@@ -66,28 +63,28 @@ def parse_config(cls, argv=None, presets: dict | None = None):
 
 
 class Tokenizer:
-    """Qwen2.5's byte-level BPE from a tokenizer.json, plus the tokens the paper adds: `<|endofchunk|>` and `<s>`
-    (the BOS), which land on ids 151665 and 151666 of the Qwen2.5 vocabulary. Text is always encoded as plain text
-    (a caption containing "<|im_end|>" does not become the special token); special ids are placed by the formats."""
+    """Qwen2.5's BPE (tokenizer.json) plus the paper's `<|endofchunk|>` (new: 151665) and `<s>` (the BOS: Qwen2.5's BPE
+    token 128245, marked special). Text is plain text: "<|im_end|>" or "<tool_call>" in a caption stays text."""
 
     ADDED = ["<|endofchunk|>", "<s>"]
 
     def __init__(self, path: str):
         import tokenizers
-
-        if os.path.isdir(path):
-            path = os.path.join(path, "tokenizer.json")
+        path = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no tokenizer.json at {path}")
         self.tok = tokenizers.Tokenizer.from_file(path)
-        self.tok.add_special_tokens(self.ADDED)  # no-op for tokens the file already has
-        self.tok.encode_special_tokens = True  # user text can never inject control tokens
+        self.tok.add_special_tokens(self.ADDED)  # an existing token keeps its id and becomes special
+        added = self.tok.get_added_tokens_decoder()
+        self.special_ids = {i for i, t in added.items() if t.special}  # skipped by decode; <tool_call> & co. are text
+        # Qwen2.5's non-special added tokens would still be matched in text: mark them special so they are not
+        self.tok.add_special_tokens([tokenizers.AddedToken(t.content, special=True) for t in added.values()
+                                     if not t.special])
+        self.tok.encode_special_tokens = True
         ids = {t: self.tok.token_to_id(t) for t in ("<|endoftext|>", "<|im_start|>", "<|im_end|>", *self.ADDED)}
         if None in ids.values():
             raise ValueError(f"{path}: tokenizer lacks {[t for t, i in ids.items() if i is None]}")
         self.pad_id, self.im_start_id, self.eos_id, self.eoc_id, self.bos_id = ids.values()
-        self.special_ids = {i for t, i in self.tok.get_vocab(with_added_tokens=True).items()
-                            if t.startswith("<|") and t.endswith("|>")} | {self.bos_id}
 
     def __len__(self):
         return self.tok.get_vocab_size(with_added_tokens=True)
@@ -100,13 +97,9 @@ class Tokenizer:
         return self.tok.decode(ids, skip_special_tokens=False)
 
     def encode_with_images(self, text: str) -> list[int]:
-        """Text where each literal "<image>" becomes one IMAGE_ID; the chunks between are tokenized separately,
-        exactly as the official `tokenizer_image_token` does (minus its token-dropping quirk, §1.6)."""
-        first, *rest = text.split("<image>")
-        out = self.encode(first)
-        for chunk in rest:
-            out += [IMAGE_ID] + self.encode(chunk)
-        return out
+        """Each "<image>" -> one IMAGE_ID, chunks tokenized apart: tokenizer_image_token without its quirk (§1.6)."""
+        first, *rest = [self.encode(chunk) for chunk in text.split("<image>")]
+        return first + [i for chunk in rest for i in (IMAGE_ID, *chunk)]
 
 
 def caption_tokens(tok: Tokenizer, caption: str) -> list[int]:
@@ -115,8 +108,7 @@ def caption_tokens(tok: Tokenizer, caption: str) -> list[int]:
 
 
 def interleaved_tokens(tok: Tokenizer, items: list[str | None]) -> list[int]:
-    """Interleaved document (OBELICS-style, §2): None is an image, rendered `[image] "\\n"`; every text chunk is
-    followed by `<|endofchunk|>`. Wrapped in `<s> ... <|im_end|>` like a caption."""
+    """Interleaved doc (§2): None is an image (`[image] "\\n"`), text chunks end in <|endofchunk|>, in <s> ... EOS."""
     out = [tok.bos_id]
     for item in items:
         out += [IMAGE_ID] + tok.encode("\n") if item is None else tok.encode(item) + [tok.eoc_id]
@@ -176,15 +168,11 @@ MAX_IMAGE_PIXELS = 89_478_485  # PIL's own default; past it we refuse instead of
 
 
 def load_image(src, name: str = "<bytes>") -> Image.Image:
-    """Open bytes, a path or a file object as an RGB PIL image. Alpha is composited on white (as transformers'
-    convert_to_rgb does), 16-bit images are scaled to 8 bits, CMYK/palette/grayscale are converted. Decompression
-    bombs raise instead of allocating."""
-    if isinstance(src, (str, os.PathLike)):
-        name = str(src)
-    elif isinstance(src, (bytes, bytearray, memoryview)):
-        src = io.BytesIO(src)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
+    """Bytes, a path or a file object -> RGB PIL image: transparency composited on white (as transformers'
+    convert_to_rgb), 16-bit scaled to 8 bits, other modes converted; decompression bombs raise, never allocate."""
+    name = str(src) if isinstance(src, (str, os.PathLike)) else name
+    src = io.BytesIO(src) if isinstance(src, (bytes, bytearray, memoryview)) else src
+    with warnings.catch_warnings(action="error", category=Image.DecompressionBombWarning):
         try:
             img = Image.open(src)
             if img.width * img.height > MAX_IMAGE_PIXELS:
@@ -197,16 +185,14 @@ def load_image(src, name: str = "<bytes>") -> Image.Image:
         a = np.asarray(img, dtype=np.float64)
         a = a / 256.0 if img.mode.startswith("I;16") or a.max() > 255 else a
         img = Image.fromarray(np.clip(a, 0, 255).astype(np.uint8), "L")
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+    if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:  # P, RGB and L carry a tRNS colour key
         img = Image.alpha_composite(Image.new("RGBA", img.size, (255, 255, 255, 255)), img.convert("RGBA"))
     return img.convert("RGB")
 
 
 def image_to_uint8(img: Image.Image, size: int) -> torch.Tensor:
-    """Bicubic squash (no aspect preservation, antialiased by PIL, as torchvision's Resize on PIL input) -> uint8
-    (3, size, size). Workers return uint8 (4x less to move); `normalize_pixels` finishes on the training device."""
-    img = img.resize((size, size), Image.Resampling.BICUBIC)
-    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
+    """Bicubic squash (antialiased by PIL, as torchvision's Resize) -> uint8 (3, size, size): 4x less to move."""
+    return torch.from_numpy(np.array(img.resize((size, size), Image.Resampling.BICUBIC), np.uint8)).permute(2, 0, 1)
 
 
 def normalize_pixels(x: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
@@ -218,6 +204,46 @@ def preprocess(src, size: int) -> torch.Tensor:
     """One image (bytes, path or PIL) -> float32 (3, size, size), equal to transformers' SiglipImageProcessor."""
     img = src if isinstance(src, Image.Image) else load_image(src)
     return normalize_pixels(image_to_uint8(img.convert("RGB"), size))
+
+
+class SiglipTokenizer:
+    """= SiglipProcessor(text, padding="max_length", max_length=length, truncation=True), from spiece.model or
+    tokenizer.json: SigLIP's text tower pools the last (pad) position, so the padding is part of every score."""
+
+    def __init__(self, src: str, length: int = 64, pad: str | None = None):
+        import re
+        d = src if os.path.isdir(src) else os.path.dirname(src)
+        cfg = json.load(open(p)) if os.path.isfile(p := os.path.join(d, "tokenizer_config.json")) else {}
+        token = lambda k, v: x["content"] if isinstance(x := cfg.get(k, v), dict) else x  # noqa: E731
+        self.length, self.sp, self.pad = length, None, (pad := pad or token("pad_token", "</s>"))
+        if os.path.isdir(src) and os.path.isfile(sp := os.path.join(d, "spiece.model")):
+            import sentencepiece
+            self.sp, self.lower = sentencepiece.SentencePieceProcessor(model_file=sp), cfg.get("do_lower_case", True)
+            eos, self.unk = token("eos_token", "</s>"), token("unk_token", "<unk>")
+            self.no_punct = str.maketrans("", "", r"""!"#$%&'()*+,-./:;<=>?@[\]^_`{|}~""")  # string.punctuation
+            self.special = {t: self.sp.piece_to_id(t) for t in (eos, self.unk, self.pad)}  # split out with their spaces
+            self.split = re.compile(r"\s*(" + "|".join(map(re.escape, sorted(self.special, key=len)[::-1])) + r")\s*")
+            self.unk_len, self.eos_id = len(self.sp.encode(self.unk, out_type=str)), self.special[eos]
+        else:
+            import tokenizers
+            self.tok = tokenizers.Tokenizer.from_file(os.path.join(d, "tokenizer.json") if d == src else src)
+            if (pad_id := self.tok.token_to_id(self.pad)) is None:
+                raise ValueError(f"{src}: pad token {self.pad!r} (tokenizer_config) is not in tokenizer.json")
+            self.tok.enable_truncation(length), self.tok.enable_padding(length=length, pad_id=pad_id, pad_token=pad)
+        self.pad_id = self.special[self.pad] if self.sp else pad_id
+
+    def encode(self, text: str) -> list[int]:
+        if self.sp is None:
+            return self.tok.encode(text).ids
+        pieces = []
+        for i, part in enumerate(self.split.split("\u2581" + text.replace("\u2581", " "))):  # odd: special tokens
+            canon = " ".join((part.lower() if self.lower else part).translate(self.no_punct).split())
+            got = [part] if i % 2 else self.sp.encode(self.unk + canon, out_type=str) if part else []  # after <unk>:
+            pieces += got[self.unk_len:] if i % 2 == 0 and len(got) >= self.unk_len else got  # the marker survives
+        pieces = pieces[1:] if len(pieces) > 1 and pieces[0] == "\u2581" and pieces[1] in self.special else pieces
+        ids = [self.special[t] if t in self.special else self.sp.piece_to_id(t) for t in pieces][: self.length - 1]
+        ids += [] if ids and ids[-1] == self.eos_id else [self.eos_id]
+        return ids + [self.pad_id] * (self.length - len(ids))
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -264,10 +290,6 @@ class QwenConfig:
     tie_embeddings: bool = True
 
 
-def gelu(x, kind: str):
-    return F.gelu(x, approximate="tanh" if kind == "gelu_tanh" else "none")
-
-
 def split_heads(x, n: int):  # (B, T, n * head_dim) -> (B, n, T, head_dim), a view
     return x.unflatten(-1, (n, -1)).transpose(1, 2)
 
@@ -284,59 +306,46 @@ class SiglipBlock(nn.Module):
     def __init__(self, c: VisionConfig | TextConfig):
         super().__init__()
         d = c.hidden_size
-        self.heads, self.act = c.num_heads, c.act
-        self.norm1 = nn.LayerNorm(d, eps=c.eps)
+        self.heads, self.approximate = c.num_heads, "tanh" if c.act == "gelu_tanh" else "none"
+        self.norm1, self.norm2 = nn.LayerNorm(d, eps=c.eps), nn.LayerNorm(d, eps=c.eps)
         self.qkv = nn.Linear(d, 3 * d)  # fused q, k, v: one matmul instead of three
         self.proj = nn.Linear(d, d)
-        self.norm2 = nn.LayerNorm(d, eps=c.eps)
-        self.fc1 = nn.Linear(d, c.intermediate_size)
-        self.fc2 = nn.Linear(c.intermediate_size, d)
+        self.fc1, self.fc2 = nn.Linear(d, c.intermediate_size), nn.Linear(c.intermediate_size, d)
 
     def forward(self, x):
         q, k, v = split_heads(self.qkv(self.norm1(x)), 3 * self.heads).chunk(3, dim=1)
-        x = x + self.proj(merge_heads(F.scaled_dot_product_attention(q, k, v)))
-        return x + self.fc2(gelu(self.fc1(self.norm2(x)), self.act))
+        return self.mlp(x + self.proj(merge_heads(F.scaled_dot_product_attention(q, k, v))))
+
+    def mlp(self, x):
+        return x + self.fc2(F.gelu(self.fc1(self.norm2(x)), approximate=self.approximate))
 
 
-class AttentionPoolHead(nn.Module):
-    """SigLIP's MAP head: one learned probe attends over the patches, then a residual MLP. Gives the pooled image
-    embedding used for image-text similarity; the VLM never uses it."""
+class AttentionPoolHead(SiglipBlock):
+    """SigLIP's MAP head: a block, no pre-norm, whose one query is a learned probe. Unused by the VLM."""
 
     def __init__(self, c: VisionConfig):
-        super().__init__()
-        d = c.hidden_size
-        self.heads, self.act = c.num_heads, c.act
-        self.probe = nn.Parameter(torch.zeros(1, 1, d))
-        self.in_proj = nn.Linear(d, 3 * d)
-        self.out_proj = nn.Linear(d, d)
-        self.norm = nn.LayerNorm(d, eps=c.eps)
-        self.fc1 = nn.Linear(d, c.intermediate_size)
-        self.fc2 = nn.Linear(c.intermediate_size, d)
+        super().__init__(c)
+        del self.norm1
+        self.probe = nn.Parameter(torch.zeros(1, 1, c.hidden_size))
 
     def forward(self, x):
-        wq, wk, wv = self.in_proj.weight.chunk(3)
-        bq, bk, bv = self.in_proj.bias.chunk(3)
-        q = split_heads(F.linear(self.probe.expand(x.shape[0], 1, -1), wq, bq), self.heads)
-        k, v = split_heads(F.linear(x, wk, bk), self.heads), split_heads(F.linear(x, wv, bv), self.heads)
-        h = self.out_proj(merge_heads(F.scaled_dot_product_attention(q, k, v)))
-        return (h + self.fc2(gelu(self.fc1(self.norm(h)), self.act)))[:, 0]
+        q = split_heads(self.qkv(self.probe.expand(x.shape[0], 1, -1)), 3 * self.heads).chunk(3, dim=1)[0]
+        _, k, v = split_heads(self.qkv(x), 3 * self.heads).chunk(3, dim=1)
+        return self.mlp(self.proj(merge_heads(F.scaled_dot_product_attention(q, k, v))))[:, 0]
 
 
 class SiglipVision(nn.Module):
     def __init__(self, c: VisionConfig):
         super().__init__()
-        self.config = c
-        d = c.hidden_size
+        self.config, d = c, c.hidden_size
         self.patch_embed = nn.Conv2d(3, d, c.patch_size, c.patch_size)
         self.pos_embed = nn.Parameter(torch.zeros((c.image_size // c.patch_size) ** 2, d))
         self.blocks = nn.ModuleList(SiglipBlock(c) for _ in range(c.num_layers))
-        self.post_norm = nn.LayerNorm(d, eps=c.eps)
-        self.head = AttentionPoolHead(c) if c.use_head else None
+        self.post_norm, self.head = nn.LayerNorm(d, eps=c.eps), AttentionPoolHead(c) if c.use_head else None
 
     def forward(self, pixel_values, layer: int = -2, norm: bool = False):
-        """Default: the VLM's features (§1.1), the output of the second-to-last block without the final LayerNorm
-        (HF hidden_states[-2]); blocks after it are skipped, not computed. layer=-1, norm=True gives HF's
-        last_hidden_state."""
+        """Block `layer`'s output (HF hidden_states[layer]; later blocks skipped), no final LayerNorm: -2 is the VLM's
+        features (§1.1), -1 MLM-Filter's. layer=-1, norm=True is HF's last_hidden_state."""
         x = self.patch_embed(pixel_values.to(self.pos_embed.dtype)).flatten(2).transpose(1, 2) + self.pos_embed
         for block in self.blocks[: len(self.blocks) + 1 + layer]:
             x = block(x)
@@ -352,8 +361,7 @@ class SiglipText(nn.Module):
         self.token_embed = nn.Embedding(c.vocab_size, d)
         self.pos_embed = nn.Parameter(torch.zeros(c.max_positions, d))
         self.blocks = nn.ModuleList(SiglipBlock(c) for _ in range(c.num_layers))
-        self.final_norm = nn.LayerNorm(d, eps=c.eps)
-        self.head = nn.Linear(d, c.projection_size)
+        self.final_norm, self.head = nn.LayerNorm(d, eps=c.eps), nn.Linear(d, c.projection_size)
 
     def forward(self, input_ids):
         """Bidirectional, no padding mask (SigLIP is trained on max_length-padded text); pooled at the last token."""
@@ -368,10 +376,8 @@ class Siglip(nn.Module):
 
     def __init__(self, vision: VisionConfig, text: TextConfig):
         super().__init__()
-        self.vision = SiglipVision(vision)
-        self.text = SiglipText(text)
-        self.logit_scale = nn.Parameter(torch.zeros(1))
-        self.logit_bias = nn.Parameter(torch.zeros(1))
+        self.vision, self.text = SiglipVision(vision), SiglipText(text)
+        self.logit_scale, self.logit_bias = nn.Parameter(torch.zeros(1)), nn.Parameter(torch.zeros(1))
 
     def image_embeds(self, pixel_values):  # == transformers' get_image_features (pooled, not normalized)
         return self.vision.head(self.vision(pixel_values, layer=-1, norm=True))
@@ -379,8 +385,7 @@ class Siglip(nn.Module):
     def text_embeds(self, input_ids):  # == get_text_features
         return self.text(input_ids)
 
-    def pair_logits(self, image_embeds, text_embeds):
-        """Logit that image i matches text i (sigmoid of it is SigLIP's match probability)."""
+    def pair_logits(self, image_embeds, text_embeds):  # image i matches text i: sigmoid of it is SigLIP's probability
         i, t = F.normalize(image_embeds, dim=-1), F.normalize(text_embeds, dim=-1)
         return (i * t).sum(-1) * self.logit_scale.exp() + self.logit_bias
 
@@ -392,13 +397,8 @@ class Siglip(nn.Module):
 
 
 def pool_matrix(n_in: int, n_out: int) -> torch.Tensor:
-    """(n_out^2, n_in^2) matrix of adaptive_avg_pool2d over an n_in x n_in grid. Cell i averages rows
-    [floor(i*n_in/n_out), ceil((i+1)*n_in/n_out)); for 27 -> 12 every window is 3 wide and they overlap with
-    stride 2 or 3 (starts 0,2,4,6,9,11,...). As a matmul it needs no reshapes and is exact."""
-    a = torch.zeros(n_out, n_in, dtype=torch.float64)
-    for i in range(n_out):
-        lo, hi = (i * n_in) // n_out, -((-(i + 1) * n_in) // n_out)
-        a[i, lo:hi] = 1.0 / (hi - lo)
+    """adaptive_avg_pool2d as one exact (n_out^2, n_in^2) matrix: 27 -> 12 averages 3-wide windows at 0,2,4,6,9,..."""
+    a = F.adaptive_avg_pool1d(torch.eye(n_in, dtype=torch.float64)[None], n_out)[0].T  # (n_out, n_in): 1D bins
     return torch.kron(a, a)
 
 
@@ -408,8 +408,7 @@ class Projector(nn.Module):
         self.grid, self.tokens = grid, tokens
         if math.isqrt(tokens) ** 2 != tokens or tokens > grid * grid:
             raise ValueError(f"image tokens must be a square <= {grid * grid}, got {tokens}")
-        self.fc1 = nn.Linear(vision_dim, llm_dim)
-        self.fc2 = nn.Linear(llm_dim, llm_dim)
+        self.fc1, self.fc2 = nn.Linear(vision_dim, llm_dim), nn.Linear(llm_dim, llm_dim)
 
     def forward(self, x):  # (N, grid^2, vision_dim) -> (N, tokens, llm_dim)
         if self.tokens != x.shape[1]:
@@ -610,18 +609,17 @@ class VLMConfig:
     vision: VisionConfig = field(default_factory=VisionConfig)
     llm: QwenConfig = field(default_factory=QwenConfig)
     image_tokens: int = 144  # per image: 144 (12x12 pooling) in pre-training, 729 (no pooling) in SFT
+    feature_layer: int = -2  # the tower's block whose output is used: -2 Open-Qwen2VL (§1.1), -1 MLM-Filter
 
     @classmethod
-    def from_dict(cls, d: dict) -> VLMConfig:
-        return cls(VisionConfig(**d["vision"]), QwenConfig(**d["llm"]), d["image_tokens"])
+    def from_dict(cls, d: dict) -> VLMConfig:  # configs saved before feature_layer existed used -2
+        return cls(VisionConfig(**d["vision"]), QwenConfig(**d["llm"]), d["image_tokens"], d.get("feature_layer", -2))
 
 
 def preset(name: str, vocab_size: int | None = None) -> VLMConfig:
-    """`paper`: SigLIP-so400m-patch14-384 (exact GELU, as the timm weights the official code ran) + Qwen2.5-1.5B.
-    `tiny`: the same architecture shrunk to train in minutes on a CPU over the toy world (64 px images)."""
+    """`paper`: SigLIP-so400m/14@384 (exact GELU like the official timm weights) + Qwen2.5-1.5B; `tiny`: CPU-sized."""
     if name == "paper":
-        llm = QwenConfig(vocab_size=vocab_size) if vocab_size else QwenConfig()
-        return VLMConfig(VisionConfig(act="gelu", use_head=False), llm, 144)
+        return VLMConfig(VisionConfig(act="gelu", use_head=False), QwenConfig(vocab_size or QwenConfig.vocab_size), 144)
     if name == "tiny":
         return VLMConfig(VisionConfig(64, 8, 96, 256, 3, 4, act="gelu", use_head=False),
                          QwenConfig(vocab_size or 4096, 128, 384, 4, 4, 2, 32, 1e4), 16)
@@ -674,7 +672,7 @@ class VLM(nn.Module):
     def image_features(self, pixel_values):
         frozen = not any(p.requires_grad for p in self.vision.parameters())
         with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):  # a frozen tower keeps no activations
-            f = self.vision(pixel_values)
+            f = self.vision(pixel_values, layer=self.config.feature_layer)
         return self.projector(f.to(self.projector.fc1.weight.dtype))
 
     def embed(self, input_ids, pixel_values=None):
@@ -754,8 +752,7 @@ class VLM(nn.Module):
         return out
 
     def init_weights(self, seed: int = 0):
-        """Random init for training from scratch (tiny preset, tests): N(0, 0.02) like HF, then the projector as the
-        official code initializes it."""
+        """From scratch (tiny preset, tests): N(0, 0.02) like HF, then the projector as the official code does."""
         torch.manual_seed(seed)
         for name, p in self.named_parameters():
             if name.endswith("bias"):
@@ -774,35 +771,20 @@ class VLM(nn.Module):
 
 
 def save_vlm(out_dir: str, config: VLMConfig, state: dict):
-    """config.json + model.safetensors (our key names), each written to a temp name then renamed."""
-    from safetensors.torch import save_file
+    """config.json + model.safetensors (our names; past 5 GB sharded with an index), each written atomically."""
     os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, "model.safetensors")
-    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, path + ".tmp", metadata={"format": "pt"})
-    os.replace(path + ".tmp", path)
+    _weights().write_safetensors(out_dir, state.items())
     write_json(os.path.join(out_dir, "config.json"), {"model_type": "open-qwen2vl", **dataclasses.asdict(config)})
 
 
 def load_vlm(d: str, dtype=None, image_tokens: int | None = None) -> VLM:
-    """A local VLM saved by `save_vlm` (reloads bit-identically; weights.load_vlm takes every other format and hub
-    ids). `image_tokens` switches the pooling (144 -> 729 for SFT, §1.4): the projector's weights do not depend on it."""
-    from safetensors import safe_open
-    with open(os.path.join(d, "config.json")) as f:
-        c = json.load(f)
-    if c.get("model_type") != "open-qwen2vl":
+    """A VLM saved by save_vlm, bit-identically; `image_tokens` switches the pooling (144 -> 729 for SFT, §1.4)."""
+    w = _weights()  # tensor by tensor into `dtype`; a missing, unexpected or mis-shaped tensor is named with the file
+    if (c := w.read_config(d)).get("model_type") != "open-qwen2vl":
         raise ValueError(f"{d}: config.json is not an open-qwen2vl VLM (model_type={c.get('model_type')!r})")
-    c = VLMConfig.from_dict(c)
     with torch.device("meta"):
-        model = VLM(dataclasses.replace(c, image_tokens=image_tokens or c.image_tokens))
-    path, want = os.path.join(d, "model.safetensors"), model.state_dict()
-    try:
-        with safe_open(path, "pt") as f:
-            state = {k: f.get_tensor(k) for k in f.keys()}
-        model.load_state_dict({k: t.to(dtype or want[k].dtype) if k in want else t for k, t in state.items()},
-                              assign=True)  # strict: names a missing, unexpected or mis-shaped tensor
-    except Exception as e:
-        raise ValueError(f"{path}: {e}") from None
-    return model
+        model = VLM(dataclasses.replace(VLMConfig.from_dict(c), image_tokens=image_tokens or c["image_tokens"]))
+    return w.load_into(model, w.read_tensors(d), lambda k: (k, 0, 1), dtype)
 
 
 def _weights():  # the foreign checkpoint formats live in weights.py, which imports this file

@@ -42,7 +42,7 @@ class Config:
     batch_size: int = 64
     workers: int = 1  # decode processes beside the model's threads (a 2-core machine has no room for more)
     repeats: int = 2
-    toy: bool = False  # instead: the toy filter acceptance (train, score, select --top-fraction 0.9) against the manifest
+    toy: bool = False  # instead: the toy filter (train, score, select --top-fraction 0.9) against the manifest
     h200_tflops: float = 989.0  # dense bf16 peak
     mfu: float = 0.4  # assumed for the projection
 
@@ -69,8 +69,8 @@ def siglip_flops_per_pair(v: M.VisionConfig, t: M.TextConfig, text_len: int = 64
 def projection(cfg) -> dict:
     so400m = siglip_flops_per_pair(M.VisionConfig(), M.TextConfig())
     q = M.QwenConfig()  # MLM-Filter: so400m vision (27 blocks), 144 image tokens + ~420 prompt tokens, 2 new tokens
-    llm = 2 * 564 * (q.num_layers * (q.hidden_size * (q.num_heads + 2 * q.num_kv_heads) * q.head_dim
-                                     + q.num_heads * q.head_dim * q.hidden_size + 3 * q.hidden_size * q.intermediate_size))
+    per_layer = q.hidden_size * ((2 * q.num_heads + 2 * q.num_kv_heads) * q.head_dim + 3 * q.intermediate_size)
+    llm = 2 * 564 * q.num_layers * per_layer
     judge = siglip_flops_per_pair(M.VisionConfig(), M.TextConfig()) - siglip_flops_per_pair(
         M.VisionConfig(), M.TextConfig(), 0) + llm
     rate = cfg.h200_tflops * 1e12 * cfg.mfu
@@ -137,7 +137,7 @@ def main():
     tmp = tempfile.mkdtemp()
     try:
         tok = os.path.join(world, "tokenizer.json")
-        w, L, vocab = cfg.width, cfg.layers, W.SiglipTokenizer(tok, 64, "<|endoftext|>").vocab_size
+        w, L, vocab = cfg.width, cfg.layers, M.SiglipTokenizer(tok, 64, "<|endoftext|>").tok.get_vocab_size()
         random_siglip(os.path.join(tmp, "m"), tok, M.VisionConfig(cfg.image_size, cfg.patch_size, w, 4 * w, L, w // 32),
                       M.TextConfig(vocab, w, 4 * w, L, w // 32, 64, w))
         n, best = sum(sum(1 for _ in pack.read_tar(s)) for s in shards), {"ours": 1e9, "theirs": 1e9}
@@ -160,8 +160,8 @@ def main():
     print(f"  ratio                      {ours / theirs:8.2f}x")
     p = projection(cfg)
     print(f"DataComp-medium, {DATACOMP_MEDIUM / 1e6:.0f}M pairs, on H200 ({cfg.h200_tflops:.0f} TFLOP/s bf16 dense, "
-          f"{cfg.mfu:.0%} MFU assumed, decoding keeping up: ~{cfg.h200_tflops * 1e3 * cfg.mfu / p['so400m_gflop_per_pair']:,.0f} "
-          f"pairs/s/GPU needs ~2 decode cores per GPU at 384 px):")
+          f"{cfg.mfu:.0%} MFU assumed, decoding keeping up: "
+          f"~{cfg.h200_tflops * 1e3 * cfg.mfu / p['so400m_gflop_per_pair']:,.0f} pairs/s/GPU, ~2 decode cores each):")
     print(f"  SigLIP-so400m/14@384 score: {p['so400m_gflop_per_pair']:.0f} GFLOP/pair -> {p['so400m_h200_hours']:.0f} "
           f"GPU-hours")
     print(f"  MLM-Filter judge (so400m + Qwen2.5-1.5B over ~564 tokens, prefill only): "
@@ -180,8 +180,8 @@ def gpu_section_filter(smoke: bool, vision: M.VisionConfig | None = None, text_l
     shards = sorted(os.path.join(pool, f) for f in os.listdir(pool))[: 1 if smoke else 2]
     tok = os.path.join(world, "tokenizer.json")
     v = vision or M.VisionConfig()  # so400m/14@384, and a text tower of its shape
-    t = M.TextConfig(W.SiglipTokenizer(tok, 64, "<|endoftext|>").vocab_size, v.hidden_size, v.intermediate_size,
-                     text_layers, v.num_heads, 64, v.hidden_size)
+    vocab = M.SiglipTokenizer(tok, 64, "<|endoftext|>").tok.get_vocab_size()
+    t = M.TextConfig(vocab, v.hidden_size, v.intermediate_size, text_layers, v.num_heads, 64, v.hidden_size)
     tmp, dev, dtype = tempfile.mkdtemp(), torch.device("cuda" if cuda else "cpu"), torch.bfloat16 if cuda else None
     try:
         random_siglip(os.path.join(tmp, "m"), tok, v, t)

@@ -4,6 +4,7 @@ import sys
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # a hub lookup without network spends ~28 s on DNS retries before failing
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo's flat modules
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # tests' helpers: `from checkpoints import ...`
 
 import pytest  # noqa: E402
 

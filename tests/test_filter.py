@@ -99,7 +99,7 @@ def test_score_matches_transformers(tmp_path, siglip_dir):
     lines = read_lines(tmp_path / "s")["a.jsonl"]
     tok = transformers.SiglipTokenizer.from_pretrained(siglip_dir)
     ids, cos, prob = hf_scores(siglip_dir, [m["jpg"] for _, m in samples], CAPTIONS, tok)
-    ours = W.SiglipTokenizer(siglip_dir)
+    ours = M.SiglipTokenizer(siglip_dir)
     assert [ours.encode(c) for c in CAPTIONS] == ids.tolist()  # the processor's ids exactly, pads included
     assert [x["key"] for x in lines] == [k for k, _ in samples] and all(x["error"] is None for x in lines)
     assert np.abs(np.array([x["score"] for x in lines]) - cos.numpy()).max() < 1e-5
@@ -201,7 +201,7 @@ PROMPT_SHA256 = {
 def tiny_judge(toy_world, out_dir, released: bool):
     tok = M.Tokenizer(os.path.join(toy_world, "tokenizer.json"))
     c = M.preset("tiny", vocab_size=len(tok))
-    c.vision.act = "gelu_tanh"  # HF SigLIP, as the judge runs it
+    c.vision.act, c.feature_layer = "gelu_tanh", -1  # HF SigLIP's GELU and its last block, as the judge runs it
     vlm = M.VLM(c).init_weights(seed=3).eval()
     if released:
         from checkpoints import write_llava_qwen  # issue 8's writer of the released llava_qwen layout
@@ -233,8 +233,9 @@ def test_mlm_scores_a_shard(tmp_path, toy_world, released):
     for x in [x for x in lines if x["error"] is None][:6]:  # one at a time: no padding at all
         m = members[x["key"]]
         px = M.preprocess(next(m[e][0] for e in ("jpg", "png") if e in m), judge.config.vision.image_size)
+        stop = [tok.token_to_id("<|im_end|>"), tok.token_to_id("<|endoftext|>")]
         new = judge.generate([FL.mlm_ids(tok, m["txt"][0].decode(), "image_text_matching")], px[None],
-                             max_new_tokens=2, stop_ids=[tok.token_to_id("<|im_end|>"), tok.token_to_id("<|endoftext|>")])
+                             max_new_tokens=2, stop_ids=stop)
         assert x["raw"] == tok.decode(new[0], skip_special_tokens=True)
         assert x["score"] == FL.parse_score(x["raw"])
     assert all(x["raw"] is None and x["score"] is None for x in lines if x["error"])

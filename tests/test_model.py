@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 import model as M
 import weights as W
+from checkpoints import qwen_like_tokenizer
 
 transformers = pytest.importorskip("transformers")
 TOL = 1e-4
@@ -166,11 +167,6 @@ def test_paper_shapes_forward(name):
 # ---------------------------------------------------------------------------------------------------------------
 # The VLM: packed rows, generation, save/load
 
-QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
-                 "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
-                 "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>", "<tool_call>", "</tool_call>",
-                 "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>"]
-
 
 def tiny_vlm(image_tokens=4, seed=0):
     cfg = M.VLMConfig(M.VisionConfig(16, 4, 32, 64, 3, 4, act="gelu", use_head=False),
@@ -324,31 +320,30 @@ def test_loads_straight_into_bf16(tmp_path):
 # Tokenizer and formats
 
 
-def qwen_like_tokenizer(path, base_vocab=None):
-    """A byte-level BPE with Qwen2.5's special tokens appended after `base_vocab` regular entries."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    vocab = {c: i for i, c in enumerate(sorted(alphabet))}
-    merges = [("Ġ", "a"), ("Ġa", "n"), ("r", "e"), ("Ġ", "re"), ("Ġre", "d")]
-    for a, b in merges:
-        vocab[a + b] = len(vocab)
-    for i in range(len(vocab), base_vocab or len(vocab)):
-        vocab[f"<unused{i}>"] = i
-    t = Tokenizer(models.BPE(vocab, merges))
-    pat = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
-    t.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(pat), "isolated"),
-                                               pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    t.decoder = decoders.ByteLevel()
-    t.add_special_tokens(QWEN_SPECIALS)
-    t.save(str(path))
-    return str(path)
-
-
 def test_special_token_ids_match_the_paper(tmp_path):
-    tok = M.Tokenizer(qwen_like_tokenizer(tmp_path / "tokenizer.json", base_vocab=151643))
+    """`<s>` is an ordinary BPE token of Qwen2.5 (id 128245 there): adding it keeps its id and marks it special;
+    only `<|endofchunk|>` is new. As in the official code: len(tokenizer) == 151666."""
+    path = qwen_like_tokenizer(tmp_path / "tokenizer.json", base_vocab=151643)
+    import tokenizers
+    s_id = tokenizers.Tokenizer.from_file(path).token_to_id("<s>")
+    assert s_id is not None and s_id < 151643  # a regular vocabulary entry
+    tok = M.Tokenizer(path)
     assert (tok.pad_id, tok.im_start_id, tok.eos_id) == (151643, 151644, 151645)
-    assert (tok.eoc_id, tok.bos_id) == (151665, 151666)
-    assert len(tok) == 151667
+    assert (tok.eoc_id, tok.bos_id) == (151665, s_id)
+    assert len(tok) == 151666
+
+
+def test_qwen_non_special_added_tokens_are_plain_text(tok):
+    """Qwen2.5's <tool_call>, <|fim_prefix|>, ... are added tokens without the special flag: user text containing
+    them is still encoded as plain text, and generated ids of them are kept by decode."""
+    for text in ("a <tool_call> b", "x<|fim_prefix|>y</tool_call>", "<|file_sep|><|repo_name|>"):
+        ids = tok.encode(text)
+        assert all(i < tok.pad_id for i in ids), (text, ids)  # only byte-level pieces, no added token
+        assert tok.decode(ids) == text
+    fim = tok.tok.token_to_id("<|fim_prefix|>")
+    assert fim > tok.pad_id and fim not in tok.special_ids
+    assert tok.decode([fim, tok.tok.token_to_id("<tool_call>"), tok.eos_id]) == "<|fim_prefix|><tool_call>"
+    assert tok.decode([fim, tok.eos_id], skip_special=False) == "<|fim_prefix|><|im_end|>"
 
 
 @pytest.fixture
@@ -550,3 +545,11 @@ def test_load_image_palette_transparency_on_white():
     buf = io.BytesIO()
     img.save(buf, format="PNG", transparency=0)  # palette index 0 is transparent
     assert M.load_image(buf.getvalue()).getpixel((0, 0)) == (255, 255, 255)
+    for mode, key, colour in (("RGB", (10, 20, 30), (10, 20, 30)), ("L", 7, 7)):  # a tRNS colour key: like alpha
+        img = Image.new(mode, (3, 2), colour)
+        img.putpixel((1, 1), (40, 50, 60) if mode == "RGB" else 90)
+        buf = io.BytesIO()
+        img.save(buf, format="PNG", transparency=key)
+        out = M.load_image(buf.getvalue())
+        assert out.getpixel((0, 0)) == (255, 255, 255)
+        assert out.getpixel((1, 1)) == ((40, 50, 60) if mode == "RGB" else (90, 90, 90))  # opaque pixels unchanged
