@@ -162,9 +162,9 @@ def score(cfg: ScoreConfig) -> dict:
 
     @torch.no_grad()
     def score_batch(rows, px):
+        ids = torch.tensor([tok.encode(r["caption"]) for r in rows], device=dev)
         i = F.normalize(net.image_embeds(M.normalize_pixels(px.to(dev), dtype)).float(), dim=-1)
-        t = F.normalize(net.text_embeds(torch.tensor([tok.encode(r["caption"]) for r in rows], device=dev)).float(), -1)
-        cos = (i * t).sum(-1)
+        cos = (i * F.normalize(net.text_embeds(ids).float(), dim=-1)).sum(-1)
         prob = torch.sigmoid(cos * net.logit_scale.float().exp() + net.logit_bias.float())
         return [{"score": c, "prob": p} for c, p in zip(cos.tolist(), prob.tolist())]
 

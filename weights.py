@@ -242,9 +242,9 @@ def load_siglip(src: str, dtype=None) -> Siglip:
 SIGLIP_HF = {"vision.blocks.": "vision_model.encoder.layers.", "vision.post_norm.": "vision_model.post_layernorm.",
              "vision.pos_embed": "vision_model.embeddings.position_embedding.weight",
              "vision.patch_embed.": "vision_model.embeddings.patch_embedding.",
-             "vision.head.probe": "vision_model.head.probe", "vision.head.norm.": "vision_model.head.layernorm.",
-             "vision.head.in_proj.": "vision_model.head.attention.in_proj_", "vision.head.fc": "vision_model.head.mlp.fc",
-             "vision.head.out_proj.": "vision_model.head.attention.out_proj.", "text.blocks.": "text_model.encoder.layers.",
+             "vision.head.probe": "vision_model.head.probe", "vision.head.norm2.": "vision_model.head.layernorm.",
+             "vision.head.qkv.": "vision_model.head.attention.in_proj_", "vision.head.fc": "vision_model.head.mlp.fc",
+             "vision.head.proj.": "vision_model.head.attention.out_proj.", "text.blocks.": "text_model.encoder.layers.",
              "text.token_embed.": "text_model.embeddings.token_embedding.", "text.head.": "text_model.head.",
              "text.pos_embed": "text_model.embeddings.position_embedding.weight",
              "text.final_norm.": "text_model.final_layer_norm.", "logit_": "logit_"}
@@ -272,7 +272,7 @@ def save_siglip(out_dir: str, model: Siglip, tokenizer: str, pad: tuple[str, int
                 intermediate_size=t.blocks[0].fc1.out_features, num_hidden_layers=len(t.blocks),
                 num_attention_heads=t.blocks[0].heads, max_position_embeddings=t.pos_embed.shape[0],
                 projection_size=t.head.out_features, layer_norm_eps=t.final_norm.eps,
-                hidden_act={"gelu_tanh": "gelu_pytorch_tanh"}.get(t.blocks[0].act, t.blocks[0].act),
+                hidden_act="gelu_pytorch_tanh" if t.blocks[0].approximate == "tanh" else "gelu",
                 pad_token_id=pad[1], eos_token_id=eos[1], bos_token_id=None)
     M.write_json(os.path.join(out_dir, "config.json"), {"model_type": "siglip", "architectures": ["SiglipModel"],
                  "vision_config": {**vision, "vision_use_head": model.vision.config.use_head}, "text_config": text})
