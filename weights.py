@@ -254,6 +254,8 @@ def save_siglip(out_dir: str, model: Siglip, tokenizer: str, pad: tuple[str, int
     """config.json (vision and text configs), model.safetensors (HF names), the tokenizer (tokenizer.json or
     spiece.model) and its tokenizer_config.json (pad and eos are its (token, id); no attention_mask, as the official
     converter ships SigLIP, which attends to its pads). config.json is written last."""
+    import shutil
+
     def tensors():
         for name, t in model.state_dict().items():
             pre = next(p for p in SIGLIP_HF if name.startswith(p))
@@ -261,7 +263,6 @@ def save_siglip(out_dir: str, model: Siglip, tokenizer: str, pad: tuple[str, int
             yield from zip(map(hf.format, "qkv"), t.chunk(3)) if "{}" in hf else [(hf, t)]
     os.makedirs(out_dir, exist_ok=True)
     write_safetensors(out_dir, tensors())
-    import shutil
     sp, t = tokenizer.endswith(".model"), model.text  # SiglipText keeps no config: read it off the modules
     shutil.copyfile(tokenizer, os.path.join(out_dir, "spiece.model" if sp else "tokenizer.json"))
     M.write_json(os.path.join(out_dir, "tokenizer_config.json"), {
@@ -276,6 +277,7 @@ def save_siglip(out_dir: str, model: Siglip, tokenizer: str, pad: tuple[str, int
                 pad_token_id=pad[1], eos_token_id=eos[1], bos_token_id=None)
     M.write_json(os.path.join(out_dir, "config.json"), {"model_type": "siglip", "architectures": ["SiglipModel"],
                  "vision_config": {**vision, "vision_use_head": model.vision.config.use_head}, "text_config": text})
+
 
 def build_vlm(vision: str, llm: str, image_tokens: int = 144, act: str | None = None, dtype=None) -> VLM:
     """The pre-training start (§3.1): pretrained SigLIP and Qwen2 (local dirs or hub ids), a fresh projector."""
