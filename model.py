@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import io
 import json
 import math
@@ -118,7 +119,8 @@ def interleaved_tokens(tok: Tokenizer, items: list[str | None]) -> list[int]:
 SYSTEM_PROMPT = "You are a helpful assistant."
 
 
-def chat_tokens(tok: Tokenizer, turns: list[dict], style: str = "qwen2") -> tuple[list[int], list[int]]:
+def chat_tokens(tok: Tokenizer, turns: list[dict], style: str = "qwen2", system: str | None = None,
+                generation_prompt: bool = False) -> tuple[list[int], list[int]]:
     """SFT conversation (LLaVA format: [{"from": "human"|"gpt", "value": str}, ...]) -> (ids, targets-before-shift).
     Only assistant replies and their end markers are supervised; `labels[i]` is IGNORE or ids[i].
 
@@ -128,7 +130,11 @@ def chat_tokens(tok: Tokenizer, turns: list[dict], style: str = "qwen2") -> tupl
       5e3cb34, §1.8): image first, then `\\n<s>`, no `<|im_start|>` before `assistant`, no newline after it:
       [image]\\n<s><|im_start|>system\\n{sys}<|im_end|>\\n<|im_start|>user\\n\\n{q}<|im_end|>assistant{a}<|im_end|>\\n
       Supported so that fine-tuning or evaluating the released weights uses the format they saw.
+    `system` replaces the default system prompt; generation_prompt=True: the turns end with a question and the ids
+    end after the assistant header (what a model answers from).
     """
+    if generation_prompt and len(turns) % 2 == 0:
+        raise ValueError("generation_prompt=True needs the turns to end with a human turn")
     if style not in ("qwen2", "release"):
         raise ValueError(f"unknown chat style {style!r} (qwen2 or release)")
     ids, labels = [], []
@@ -142,7 +148,7 @@ def chat_tokens(tok: Tokenizer, turns: list[dict], style: str = "qwen2") -> tupl
         if n_images != 1:
             raise ValueError("style='release' supports exactly one image per conversation")
         add([IMAGE_ID] + tok.encode("\n"), False)
-    add([tok.bos_id, tok.im_start_id] + tok.encode(f"system\n{SYSTEM_PROMPT}") + [tok.eos_id] + tok.encode("\n"),
+    add([tok.bos_id, tok.im_start_id] + tok.encode(f"system\n{SYSTEM_PROMPT if system is None else system}") + [tok.eos_id] + tok.encode("\n"),
         False)
     for k, turn in enumerate(turns):
         role = turn.get("from")
@@ -402,6 +408,9 @@ def pool_matrix(n_in: int, n_out: int) -> torch.Tensor:
     return torch.kron(a, a)
 
 
+_pool_on = functools.cache(lambda n_in, n_out, device, dtype: pool_matrix(n_in, n_out).to(device, dtype))  # no H2D
+
+
 class Projector(nn.Module):
     def __init__(self, vision_dim: int, llm_dim: int, grid: int, tokens: int):
         super().__init__()
@@ -412,7 +421,7 @@ class Projector(nn.Module):
 
     def forward(self, x):  # (N, grid^2, vision_dim) -> (N, tokens, llm_dim)
         if self.tokens != x.shape[1]:
-            x = pool_matrix(self.grid, math.isqrt(self.tokens)).to(x.device, x.dtype) @ x
+            x = _pool_on(self.grid, math.isqrt(self.tokens), x.device, x.dtype) @ x
         return self.fc2(F.gelu(self.fc1(x)))
 
     def init_weights(self):
@@ -437,10 +446,16 @@ class Attention:
 
 def position_ids_from_lens(doc_lens: list[list[int]], device) -> torch.Tensor:
     """Positions restart at 0 at every document, so a packed document sees exactly what it would see alone."""
-    return torch.stack([torch.cat([torch.arange(n) for n in d]) for d in doc_lens]).to(device)
+    return to_device(torch.stack([torch.cat([torch.arange(n) for n in d]) for d in doc_lens]), device)
 
 
-_flex_compiled = None
+def to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """Host to device without a host sync on CUDA: a pageable copy waits, a pinned non_blocking one does not."""
+    return t.pin_memory().to(device, non_blocking=True) if torch.device(device).type == "cuda" else t.to(device)
+
+
+_flex = _create_block_mask = None  # compiled once, by make_attention: torch.compile takes ~3 s to import
+MASKED_GQA_IS_MATH = {"cuda"}  # devices where SDPA with a mask and enable_gqa falls to the math kernel (pytorch#139586)
 
 
 def make_attention(doc_lens: list[list[int]] | None, device, backend: str = "auto") -> Attention:
@@ -456,18 +471,22 @@ def make_attention(doc_lens: list[list[int]] | None, device, backend: str = "aut
     if backend == "docs":
         ends = [np.cumsum(d).tolist() for d in doc_lens]
         return Attention("docs", segments=[list(zip([0, *e], e)) for e in ends])
-    # per row, the index of the document each position belongs to
-    doc = torch.stack([torch.repeat_interleave(torch.arange(len(d)), torch.tensor(d)) for d in doc_lens]).to(device)
+    doc = [torch.repeat_interleave(torch.arange(len(d)), torch.tensor(d)) for d in doc_lens]  # each position's doc
+    doc = to_device(torch.stack(doc), device)
     if backend == "mask":
         return Attention("mask", mask=(doc[:, :, None] == doc[:, None, :]).tril()[:, None])
     if backend == "flex":
-        from torch.nn.attention.flex_attention import create_block_mask
+        global _flex, _create_block_mask
+        if _flex is None:  # here, outside any compiled block: a global first set inside one recompiles every block
+            from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+            # eager create_block_mask builds the dense B x T x T mask: 2.1 s and +717 MiB at B=4, T=4096 on CPU
+            _flex, _create_block_mask = torch.compile(flex_attention, dynamic=False), torch.compile(create_block_mask)
 
         def same_doc_causal(b, h, q, kv):
             return (doc[b, q] == doc[b, kv]) & (q >= kv)
 
         B, T = doc.shape
-        return Attention("flex", block_mask=create_block_mask(same_doc_causal, B, None, T, T, device=device))
+        return Attention("flex", block_mask=_create_block_mask(same_doc_causal, B, None, T, T, device=device))
     raise ValueError(f"unknown attention backend {backend!r}")
 
 
@@ -479,18 +498,17 @@ def attend(q, k, v, attn: Attention):
     if attn.kind == "causal":
         return F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1, enable_gqa=True)
     if attn.kind == "mask":
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn.mask, enable_gqa=True)
+        if q.device.type in MASKED_GQA_IS_MATH:
+            k, v = (x.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for x in (k, v))
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn.mask, enable_gqa=q.shape[1] != k.shape[1])
     if attn.kind == "docs":
         return torch.stack([torch.cat([
             F.scaled_dot_product_attention(q[b:b + 1, :, s:e], k[b:b + 1, :, s:e], v[b:b + 1, :, s:e],
                                            is_causal=True, enable_gqa=True)
             for s, e in segs], dim=2)[0] for b, segs in enumerate(attn.segments)])
-    global _flex_compiled
-    from torch.nn.attention.flex_attention import flex_attention
-    if q.is_cuda and _flex_compiled is None:
-        _flex_compiled = torch.compile(flex_attention, dynamic=False)
-    fn = _flex_compiled if q.is_cuda else flex_attention
-    return fn(q, k, v, block_mask=attn.block_mask, enable_gqa=True)
+    g = q.shape[1] // k.shape[1]  # under 128 queries flex picks its decoding kernel, which needs a power-of-2 group
+    opts = {"FORCE_USE_FLEX_ATTENTION": True} if q.shape[2] < 128 and g & (g - 1) else None
+    return _flex(q, k, v, block_mask=attn.block_mask, enable_gqa=True, kernel_options=opts)
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -679,9 +697,11 @@ class VLM(nn.Module):
         x = self.llm.embed_tokens(input_ids.clamp(min=0))
         is_image = input_ids == IMAGE_ID
         n_images = 0 if pixel_values is None else pixel_values.shape[0]
-        if int(is_image.sum()) != n_images * self.config.image_tokens:
-            raise ValueError(f"{int(is_image.sum())} image positions for {n_images} images of "
-                             f"{self.config.image_tokens} tokens")
+        msg = f"image positions are not {n_images} images x {self.config.image_tokens} tokens"
+        if is_image.is_cuda:  # checked on the device: a host-side count would wait for the GPU every micro-batch
+            torch._assert_async(is_image.sum() == n_images * self.config.image_tokens, msg)
+        elif int(is_image.sum()) != n_images * self.config.image_tokens:
+            raise ValueError(f"{msg}: {int(is_image.sum())}")
         if n_images:
             return x.masked_scatter(is_image[..., None], self.image_features(pixel_values).to(x.dtype))
         if self.training:  # every rank runs the tower and projector, or FSDP's collectives would wait forever
@@ -703,10 +723,13 @@ class VLM(nn.Module):
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], pixel_values=None, max_new_tokens: int = 16, stop_ids=(),
-                 temperature: float = 0.0, top_p: float = 1.0, seed: int = 0) -> list[list[int]]:
+                 temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, keep_stop: bool = False,
+                 callback=None) -> list[list[int]]:
         """Batched decoding with a KV cache. Prompts hold one IMAGE_ID per image (images in order across the
         batch); they are left-padded. Greedy at temperature 0, else sampled (nucleus top_p, seeded). Returns the new
-        tokens of each prompt, without the stop token that ended it."""
+        tokens of each prompt, without the stop token that ended it (keep_stop=True keeps it, so the caller sees which
+        stop id ended each sequence). `callback(tokens, logits)`, if given, sees each step's (B,) tokens and (B, V)
+        logits: streaming, or the first position's likelihoods."""
         dev = self.llm.embed_tokens.weight.device
         prompts = [expand_images(np.asarray(p, dtype=np.int64), self.config.image_tokens) for p in prompts]
         B, L = len(prompts), max(map(len, prompts))
@@ -740,10 +763,12 @@ class VLM(nn.Module):
                 p_sorted, idx = probs.sort(-1, descending=True)
                 p_sorted[(p_sorted.cumsum(-1) - p_sorted) > top_p] = 0  # keep the smallest set with mass >= top_p
                 tok = idx.gather(-1, torch.multinomial(p_sorted, 1, generator=gen))[:, 0]
+            if callback is not None:
+                callback(tok, logits)
             for b, t in enumerate(tok.tolist()):
                 if not done[b]:
                     done[b] = t in stop_ids
-                    out[b] += [] if done[b] else [t]
+                    out[b] += [] if done[b] and not keep_stop else [t]
             if all(done) or step == max_new_tokens - 1:
                 break
             keys[:, cache.length] = True

@@ -9,8 +9,8 @@ captions and questions are generated from the same scene, so they are informativ
     python toyworld.py --samples docs --image-size 128      # the two sample images shown in the README
 
 A world dir holds tokenizer.json, pool/*.tar (img2dataset-style WebDataset shards), sft/ (LLaVA format), eval/
-(MMBench TSV, POPE jsonl, TextVQA json) and manifest.json (counts per file and the ground truth: every scene, the
-wrong captions, the broken records). README.md, "The toy world", describes the formats.
+(VLMEvalKit's TSVs: MMBench_DEV_EN, POPE, TextVQA_VAL, MUIRBench) and manifest.json (counts per file and the ground
+truth: every scene, the wrong captions, the broken records). README.md, "The toy world", describes the formats.
 
 The same seed gives byte-identical files. Evaluation scenes are held out by construction: a scene's content
 signature (background, colour/shape/count kinds, word) hashes into the eval or the training partition, and every
@@ -19,6 +19,7 @@ generator accepts only scenes of its own partition.
 from __future__ import annotations
 
 import base64
+import csv
 import dataclasses
 import hashlib
 import io
@@ -54,7 +55,7 @@ class Config:
 
 
 DEFAULTS = {k: v for k, v in dataclasses.asdict(Config()).items() if k not in ("out", "samples")}  # build()'s settings
-VERSION = 2  # bump when the output changes, so that ensure() rebuilds stale caches
+VERSION = 3  # bump when the output changes, so that ensure() rebuilds stale caches
 VOCAB_SIZE = 3000  # BPE target; the toy language saturates below it (~1.8k merges and bytes)
 BROKEN_KINDS = ("truncated_jpeg", "zero_byte_image", "empty_caption", "missing_txt", "huge_caption", "cmyk_jpeg",
                 "png_alpha")
@@ -318,6 +319,27 @@ def multiple_choice(rng, answer, others):
     return opts, LETTERS[opts.index(answer)]
 
 
+TWO_IMAGES = ("the first image", "the second image")  # MUIRBench-style options of the two-image questions
+
+
+def two_image_qa(rng, split):
+    """Two scenes of partition `split` and a question that needs both: (scenes, question, answer letter, kind)."""
+    while True:
+        a, b = sample_scene(rng, split), sample_scene(rng, split)
+        if rng.random() < 0.5:
+            if len(a["objects"]) != len(b["objects"]):
+                return [a, b], "Which image shows more shapes?", "AB"[len(b["objects"]) > len(a["objects"])], "counting"
+        else:
+            kinds = [{g[:2] for g in groups(x)} for x in (a, b)]
+            if only := sorted(kinds[0] ^ kinds[1]):
+                c, s = rng.choice(only)
+                return [a, b], f"Which image shows {_a(c)} {c} {s}?", "AB"[(c, s) in kinds[1]], "existence"
+
+
+def two_image_question(q):
+    return f"Image 1: <image>\nImage 2: <image>\n{q}"
+
+
 def conversation(rng, scene):
     """1-4 (question, answer) turns about one image: descriptions, and questions answered in one of three styles:
     a sentence, a single word or phrase (as VQA evals ask), or an option letter (as MMBench asks). Without a scene:
@@ -461,9 +483,24 @@ def _write_pool(root, cfg, man):
 def _write_sft(root, cfg, man):
     seed, n, size = cfg["seed"], cfg["n_sft"], cfg["image_size"]
     text_only = set(random.Random(f"{seed}:sft:text-only").sample(range(n), max(1, round(0.02 * n)) if n else 0))
+    others = [i for i in range(n) if i not in text_only]  # 5% ask about two images, as MUIRBench does
+    two = set(random.Random(f"{seed}:sft:two-images").sample(others, min(len(others), round(0.05 * n))))
     convs, texts = [], []
     for i in range(n):
         rng, cid = random.Random(f"{seed}:sft:{i}"), f"{i:06d}"
+        if i in two:
+            scenes, q, letter, _ = two_image_qa(rng, "train")
+            images = [f"images/{cid}_{k}.jpg" for k in range(2)]
+            for k, (sc, im) in enumerate(zip(scenes, images)):
+                man["scenes"]["sft"][f"{cid}_{k}"] = sc
+                _put(root, f"sft/{im}", encode(render(sc, size)))
+            q, a = (two_image_question(q), f"{_cap(TWO_IMAGES['AB'.index(letter)])}.") if rng.random() < 0.5 else \
+                (two_image_question(q) + "".join(f"\n{LETTERS[k]}. {o}" for k, o in enumerate(TWO_IMAGES)) +
+                 "\nAnswer with the option's letter from the given choices directly.", letter)
+            convs.append({"id": cid, "image": images, "conversations": [{"from": "human", "value": q},
+                                                                        {"from": "gpt", "value": a}]})
+            texts += [q.replace("<image>", ""), a]
+            continue
         scene = None if i in text_only else sample_scene(rng, "train")
         turns, image = conversation(rng, scene), f"images/{cid}.jpg" if scene else None
         if scene:
@@ -478,8 +515,9 @@ def _write_sft(root, cfg, man):
         convs.append({"id": cid, **({"image": image} if image else {}), "conversations": conv})
     _put(root, "sft/sft.json", "[\n" + ",\n".join(json.dumps(c) for c in convs) + "\n]\n")  # a conversation a line
     man["files"]["sft/sft.json"] = {"conversations": n, "with_image": n - len(text_only), "text_only": len(text_only),
-                                    "multi_turn": sum(len(c["conversations"]) > 2 for c in convs)}
-    man["files"]["sft/images"] = {"files": n - len(text_only)}
+                                    "multi_turn": sum(len(c["conversations"]) > 2 for c in convs),
+                                    "two_images": len(two)}
+    man["files"]["sft/images"] = {"files": n - len(text_only) + len(two)}
     return texts
 
 
@@ -487,17 +525,24 @@ MMBENCH = {"color_recognition": "color", "shape_recognition": "shape", "object_c
            "object_localization": "position", "spatial_relationship": "side", "ocr": "text"}  # category -> qa kind
 
 
+def _tsv(header, rows) -> str:
+    """A TSV as VLMEvalKit writes its own (every field quoted)."""
+    buf = io.StringIO()
+    csv.writer(buf, delimiter="\t", quoting=csv.QUOTE_ALL, lineterminator="\n").writerows([header] + rows)
+    return buf.getvalue()
+
+
 def _write_eval(root, cfg, man):
-    """Eval sets, each on its own scenes from the held-out partition."""
+    """Eval sets in VLMEvalKit's TSV layout (formats.md §1), each on its own scenes from the held-out partition.
+    Images are base64 JPEGs; a row that shows the image of an earlier row holds that row's index instead (a
+    back-reference, as VLMEvalKit's own files do)."""
     seed, n, size, scenes = cfg["seed"], cfg["n_eval"], cfg["image_size"], man["scenes"]["eval"]
 
-    def save(name, scene):
-        scenes[name] = scene
-        _put(root, f"eval/images/{name}.jpg", encode(render(scene, size)))
-        return f"images/{name}.jpg"
+    def b64(scene):
+        return base64.b64encode(encode(render(scene, size))).decode()
 
-    # MMBench TSV: index, question, hint, A-D, answer, category, image (base64 JPEG), split. Circular evaluation as in
-    # MMBench's own TSVs: the copy of question g with its options rotated k places has index g + k * 1_000_000.
+    # MMBench_DEV_EN: circular evaluation as in MMBench's own TSV: the copy of question g with its options rotated k
+    # places has index g + k * 1_000_000 and refers back to row g's image.
     rng, rows = random.Random(f"{seed}:eval:mmbench"), []
     for g in range(n):
         cat, got = list(MMBENCH)[g % len(MMBENCH)], None
@@ -506,50 +551,61 @@ def _write_eval(root, cfg, man):
             got = qa(rng, scene, MMBENCH[cat])
         scenes[f"mmbench/{g}"] = scene
         opts, letter = multiple_choice(rng, got[1], got[3])
-        img = base64.b64encode(encode(render(scene, size))).decode()
+        img = b64(scene)
         rows += [[g + k * 1_000_000, got[0], "", *opts[k:], *opts[:k], *[""] * (4 - len(opts)),
-                  LETTERS[(LETTERS.index(letter) - k) % len(opts)], cat, img, "dev"] for k in range(len(opts))]
+                  LETTERS[(LETTERS.index(letter) - k) % len(opts)], cat, img if k == 0 else str(g), "dev"]
+                 for k in range(len(opts))]
     header = ["index", "question", "hint", "A", "B", "C", "D", "answer", "category", "image", "split"]
-    # the originals first, then each rotation, as MMBench orders them; no field holds a tab, newline or quote
-    _put(root, "eval/mmbench.tsv", "".join("\t".join(map(str, r)) + "\n" for r in [header] + sorted(rows)))
-    man["files"]["eval/mmbench.tsv"] = {"questions": n, "rows": len(rows)}
+    _put(root, "eval/MMBench_DEV_EN.tsv", _tsv(header, sorted(rows)))  # the originals first, then each rotation
+    man["files"]["eval/MMBench_DEV_EN.tsv"] = {"questions": n, "rows": len(rows)}
 
-    # POPE jsonl: per image, a yes and a no question for each of POPE's three ways to pick absent objects. Toy
-    # versions: random = any absent kind; popular = an absent kind sharing the colour or the shape of an object in
-    # the image; adversarial = attributes swapped between two objects (red circle + blue star -> "blue circle?").
-    rng, pope, n_img = random.Random(f"{seed}:eval:pope"), [], 0
-    while len(pope) < n:
-        scene, name = sample_scene(rng, "eval", min_kinds=2), f"pope_{n_img:05d}"
-        path, n_img = save(name, scene), n_img + 1
+    # POPE: per image, a yes and a no question for each of POPE's three ways to pick absent objects. Toy versions:
+    # random = any absent kind; popular = an absent kind sharing the colour or the shape of an object in the image;
+    # adversarial = attributes swapped between two objects (red circle + blue star -> "blue circle?"). A question
+    # drawn for several ways is one row whose category lists them, comma-joined, as in VLMEvalKit's POPE.tsv.
+    rng, pope, n_img, n_q = random.Random(f"{seed}:eval:pope"), {}, 0, 0
+    while n_q < n:
+        scene, n_img, first = sample_scene(rng, "eval", min_kinds=2), n_img + 1, len(pope)
+        scenes[f"pope/{first}"], img = scene, b64(scene)  # keyed by the row that holds the image
         present = [g[:2] for g in groups(scene)]
         absent = [k for k in KINDS[scene["bg"]] if k not in present]
         near = [k for k in absent if any(k[0] == p[0] or k[1] == p[1] for p in present)]
         swap = [k for k in near if any(k[0] == p[0] for p in present) and any(k[1] == p[1] for p in present)]
         for cat, negatives in (("random", absent), ("popular", near), ("adversarial", swap or near)):
-            pair = [(rng.choice(present), "yes"), (rng.choice(negatives), "no")]
+            pair = [(rng.choice(present), "Yes"), (rng.choice(negatives), "No")]
             rng.shuffle(pair)
-            for (c, s), ans in pair[:n - len(pope)]:
-                pope.append({"question_id": len(pope) + 1, "question": f"Is there {_a(c)} {c} {s} in the image?",
-                             "answer": ans, "image_source": name, "image": path, "category": cat})
-    _put(root, "eval/pope.jsonl", "".join(json.dumps(r) + "\n" for r in pope))
-    man["files"]["eval/pope.jsonl"] = {"questions": n, "yes": sum(r["answer"] == "yes" for r in pope),
-                                       "no": sum(r["answer"] == "no" for r in pope), "images": n_img}
+            for (c, s), ans in pair[:n - n_q]:
+                q, n_q = f"Is there {_a(c)} {c} {s} in the image?", n_q + 1
+                pope.setdefault((first, q), [len(pope), q, ans, [], img if len(pope) == first else str(first)])[3] \
+                    .append(cat)
+    rows = [[i, q, ans, ",".join(cats), img] for i, q, ans, cats, img in pope.values()]
+    _put(root, "eval/POPE.tsv", _tsv(["index", "question", "answer", "category", "image"], rows))
+    man["files"]["eval/POPE.tsv"] = {"questions": n, "rows": len(rows), "images": n_img,
+                                     "yes": sum(len(r[3].split(",")) for r in rows if r[2] == "Yes"),
+                                     "no": sum(len(r[3].split(",")) for r in rows if r[2] == "No")}
 
-    # TextVQA json: one question per image with a word or number, and 10 human answers that mostly agree (so the
-    # soft VQA accuracy, min(1, matches / 3), has something to average).
-    rng, data = random.Random(f"{seed}:eval:textvqa"), []
+    # TextVQA_VAL: one question per image with a word or number, and 10 human answers (a list literal) that mostly
+    # agree, so that the soft VQA accuracy, min(1, matches / 3), has something to average.
+    rng, rows = random.Random(f"{seed}:eval:textvqa"), []
     for i in range(n):
-        scene, name = sample_scene(rng, "eval", text=True), f"textvqa_{i:05d}"
+        scene = scenes[f"textvqa/{i}"] = sample_scene(rng, "eval", text=True)
         q, w = qa(rng, scene, "text")[:2]
         answers = [w] * 10
         for k in rng.sample(range(10), rng.choices((0, 1, 2, 3), (50, 25, 15, 10))[0]):
             answers[k] = rng.choice((w.lower(), w.capitalize(), f"{w} sign", w[:-1] or w, "unanswerable"))
-        data.append({"question_id": i, "question": q, "image_id": name, "image": save(name, scene),
-                     "image_width": size, "image_height": size, "answers": answers, "set_name": "val"})
-    _put(root, "eval/textvqa.json", json.dumps({"dataset_name": "textvqa", "dataset_type": "val",
-                                                "dataset_version": "toy", "data": data}, indent=1))
-    man["files"]["eval/textvqa.json"] = {"questions": n, "images": n}
-    man["files"]["eval/images"] = {"files": n_img + n}
+        rows.append([i, b64(scene), q, repr(answers)])
+    _put(root, "eval/TextVQA_VAL.tsv", _tsv(["index", "image", "question", "answer"], rows))
+    man["files"]["eval/TextVQA_VAL.tsv"] = {"questions": n}
+
+    # MUIRBench: multiple-choice questions that need two images (which shows more shapes, which shows a kind), the
+    # images a list literal, placed at the question's "<image>" placeholders.
+    rng, rows = random.Random(f"{seed}:eval:muirbench"), []
+    for i in range(n):
+        pair, q, letter, kind = two_image_qa(rng, "eval")
+        scenes[f"muirbench/{i}/0"], scenes[f"muirbench/{i}/1"] = pair
+        rows.append([i, two_image_question(q), *TWO_IMAGES, letter, kind, repr([b64(x) for x in pair])])
+    _put(root, "eval/MUIRBench.tsv", _tsv(["index", "question", "A", "B", "answer", "category", "image"], rows))
+    man["files"]["eval/MUIRBench.tsv"] = {"questions": n}
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -589,7 +645,7 @@ def build(out_dir, **settings) -> dict:
     tmp, old = f"{out_dir}.tmp-{os.getpid()}", f"{out_dir}.old-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        for d in ("pool", "sft/images", "eval/images"):
+        for d in ("pool", "sft/images", "eval"):
             os.makedirs(os.path.join(tmp, d))
         man = {"name": "toyworld", "version": VERSION, "config": cfg, "files": {}, "pool": {},
                "scenes": {"pool": {}, "sft": {}, "eval": {}}}

@@ -18,7 +18,6 @@ import os
 import resource
 import shutil
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 
@@ -60,9 +59,10 @@ class Config:
     seed: int = 7  # the official seed
     ckpt_every: int = 0  # steps between checkpoints; 0 = only at the end
     keep: int = 2  # checkpoints kept
+    save: bool = True  # False: nothing is written under --out (no config, metrics, checkpoints, final model)
     resume: str = ""  # "auto" = newest complete checkpoint in out/checkpoints, or a checkpoint dir
     log_every: int = 10
-    peak_tflops: float = 0.0  # MFU denominator per device; 0 = a GPU table, or a measured matmul on CPU
+    peak_tflops: float = 0.0  # spec MFU denominator per device; 0 = the GPU table, else the measured matmul peak
     wandb: str = ""  # wandb project; used only if wandb is installed
     dry_run: bool = False  # print parameters, FLOPs per token and projected GPU-hours, then exit
     token_budget: float = 5e9  # dry run: tokens to train on (the paper: 5B)
@@ -76,7 +76,10 @@ PRESETS = {
                   seq_len=4096, global_batch=512, micro_batch=8, lr=5e-5, ac=True),
 }
 REPO = os.path.dirname(os.path.abspath(__file__))
-GPU_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "4090": 165.0}
+GPU_PEAK_TFLOPS = {  # dense bf16 spec, by the full name torch.cuda.get_device_name() reports
+    "NVIDIA H200": 989.0, "NVIDIA H100 80GB HBM3": 989.0, "NVIDIA H200 NVL": 835.0, "NVIDIA H100 NVL": 835.0,
+    "NVIDIA H100 PCIe": 756.0, "NVIDIA A100-SXM4-80GB": 312.0, "NVIDIA A100-SXM4-40GB": 312.0,
+    "NVIDIA A100 80GB PCIe": 312.0, "NVIDIA A100-PCIE-40GB": 312.0, "NVIDIA L40S": 362.0, "NVIDIA A10": 125.0}
 
 
 def print0(*a, **kw):
@@ -209,18 +212,30 @@ def flops(c: M.VLMConfig, b: dict, train_vision: bool) -> float:
     return llm + head + (vis + proj) * b["n_images"]
 
 
-def peak_flops(cfg: Config, device, dtype) -> float:
-    if cfg.peak_tflops:
-        return cfg.peak_tflops * 1e12
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name()
-        return next((v for k, v in GPU_PEAK_TFLOPS.items() if k in name), 312.0) * 1e12
-    a = torch.randn(2048, 2048, dtype=dtype)
-    a @ a
-    t = time.perf_counter()
+def matmul_peak(device, dtype) -> float:
+    """Measured dense matmul FLOP/s in `dtype`: 8192^3 on a GPU (an H200 gives ~790 of its 989 TFLOP/s spec), 2048^3
+    on a CPU."""
+    n, reps, sync = (8192, 20, torch.cuda.synchronize) if device.type == "cuda" else (2048, 3, lambda: None)
+    a = torch.randn(n, n, dtype=dtype, device=device)
     for _ in range(3):
         a @ a
-    return 3 * 2 * 2048 ** 3 / (time.perf_counter() - t)  # measured CPU peak in the training dtype
+    sync()
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ a
+    sync()
+    return reps * 2 * n ** 3 / (time.perf_counter() - t)
+
+
+def peak_flops(cfg: Config, device, dtype) -> tuple[float, float]:
+    """(spec, measured) peak FLOP/s of one device; MFU is logged against both. The spec is --peak-tflops, else the
+    GPU table by full name, else (CPU, or an unknown GPU, with a warning) the measured peak."""
+    measured = matmul_peak(device, dtype)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+    spec = (cfg.peak_tflops or GPU_PEAK_TFLOPS.get(name, 0.0)) * 1e12
+    if name and not spec:
+        print0(f"warning: no spec peak for {name!r}: MFU is against the measured matmul peak (or pass --peak-tflops)")
+    return spec or measured, measured
 
 
 def lr_at(step: int, total: int, cfg: Config) -> float:
@@ -255,6 +270,8 @@ def save_checkpoint(net, opt, out: str, step: int, meta: dict, keep: int):
     dist.barrier()
     if rank == 0:
         M.write_json(os.path.join(tmp, "meta.json"), meta)
+        if os.path.exists(path):  # this step, saved before a resume from an older checkpoint: replaced
+            shutil.rmtree(path)
         os.rename(tmp, path)  # atomic: a checkpoint dir without .tmp is complete
         for old in checkpoint_dirs(out)[:-keep]:
             shutil.rmtree(old)
@@ -284,14 +301,12 @@ def setup() -> tuple[int, int, torch.device]:
     """torchrun sets RANK/WORLD_SIZE; a plain `python train.py` is a world of one with an in-memory store, so both
     run the same FSDP code."""
     cuda = torch.cuda.is_available()
-    if "RANK" in os.environ:
-        dist.init_process_group("nccl" if cuda else "gloo")
-    else:
-        dist.init_process_group("nccl" if cuda else "gloo", store=dist.HashStore(), rank=0, world_size=1)
-    rank, world = dist.get_rank(), dist.get_world_size()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
     if cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    return rank, world, torch.device("cuda" if cuda else "cpu")
+        torch.cuda.set_device(device)  # before NCCL starts, so that its communicator binds this rank's GPU
+    one = {} if "RANK" in os.environ else dict(store=dist.HashStore(), rank=0, world_size=1)
+    dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None, **one)
+    return dist.get_rank(), dist.get_world_size(), device
 
 
 def resolve_data(cfg: Config, rank: int) -> tuple[str, str]:
@@ -351,9 +366,11 @@ def main(argv=None, config_cls=Config, presets=PRESETS, stage="pretrain"):
     cfg = M.parse_config(config_cls, argv, presets)
     if cfg.global_batch % cfg.micro_batch:
         raise SystemExit(f"global batch {cfg.global_batch} is not a multiple of micro batch {cfg.micro_batch}")
+    if cfg.compile and cfg.attention == "docs":  # each new set of document lengths is a new graph
+        raise SystemExit("--attention docs recompiles under --compile at every batch: use flex (GPU) or mask")
     rank, world, device = setup()
     try:
-        run(cfg, rank, world, device, stage)
+        return run(cfg, rank, world, device, stage)
     finally:
         dist.destroy_process_group()
 
@@ -381,7 +398,8 @@ def run(cfg, rank, world, device, stage):
     decay = [p for n, p in net.named_parameters() if p.requires_grad and p.ndim >= 2 and not n.endswith("bias")]
     no_decay = [p for n, p in net.named_parameters() if p.requires_grad and (p.ndim < 2 or n.endswith("bias"))]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8,
+                            fused=device.type == "cuda")  # one kernel for all params, not a foreach per DTensor
     rows = Rows(data_dir, cfg.seed)
     total = cfg.steps or -(-rows.total // cfg.global_batch)
     start, meta = 0, {}
@@ -391,7 +409,10 @@ def run(cfg, rank, world, device, stage):
         start = meta["step"]
         print0(f"resumed from {resume[0]} at step {start} (row {meta['rows']})")
     metrics_path = os.path.join(cfg.out, "metrics.jsonl")
-    if rank == 0:
+    if rank == 0 and cfg.save:
+        if not start and checkpoint_dirs(cfg.out):  # left there, --resume auto would mix that run's steps with ours
+            print0(f"{cfg.out}: this run starts from step 0, removing the checkpoints of an earlier run")
+            shutil.rmtree(os.path.join(cfg.out, "checkpoints"))
         os.makedirs(cfg.out, exist_ok=True)
         M.write_json(os.path.join(cfg.out, "config.json"), {"stage": stage, "config": dataclasses.asdict(cfg),
                                                               "model": dataclasses.asdict(mcfg), "commit": git_commit(),
@@ -408,31 +429,33 @@ def run(cfg, rank, world, device, stage):
             print0("wandb is not installed: logging to metrics.jsonl only")
     loader = torch.utils.data.DataLoader(
         MicroBatches(rows, cfg, rank, world, start, total, image_size, tok.pad_id), batch_size=None,
-        num_workers=cfg.workers, prefetch_factor=4 if cfg.workers else None, persistent_workers=False)
+        num_workers=cfg.workers, prefetch_factor=4 if cfg.workers else None, persistent_workers=False,
+        pin_memory=device.type == "cuda")  # pinned, so the copies below do not wait for the GPU
     batches, accum = iter(loader), cfg.global_batch // world // cfg.micro_batch
-    peak = peak_flops(cfg, device, dtype) * world
+    spec, measured = (world * p for p in peak_flops(cfg, device, dtype))
     print0(f"{stage}: {rows.total} rows, {total} steps of {cfg.global_batch} rows ({world} ranks x {accum} x "
            f"{cfg.micro_batch}), doc mask {cfg.doc_mask}, {str(dtype)[6:]}, {sum(p.numel() for p in params) / 1e6:.1f}M "
-           f"trainable")
+           f"trainable, peak {spec / world / 1e12:.1f} TFLOP/s spec, {measured / world / 1e12:.1f} measured")
     net.train()
-    t_start, window = time.time(), []
+    t_start, history = time.time(), []
     for step in range(start, total):
         t0 = time.perf_counter()
         micro = [next(batches) for _ in range(accum)]
         t_data = time.perf_counter() - t0
-        counts = torch.tensor([sum(b[k] for b in micro) for k in ("n_sup", "n_tokens", "n_images", "bad_images")],
-                              dtype=torch.float64, device=device)
-        dist.all_reduce(counts)
-        n_sup = counts[0].item()
+        counts = [sum(b[k] for b in micro) for k in ("n_sup", "n_tokens", "n_images", "bad_images")]
+        counts = torch.tensor(counts + [sum(flops(mcfg, b, cfg.train_vision) for b in micro)], dtype=torch.float64,
+                              device=device)
+        dist.all_reduce(counts)  # with the .tolist(): one host sync per step, while the GPU is idle between steps
+        n_sup, n_tokens, n_images, bad, f = counts.tolist()
         where = f"step {step} (rows from {step * cfg.global_batch}, first micro-batch at {micro[0]['rows'][0]})"
         if n_sup == 0:
             raise RuntimeError(f"{where}: no supervised tokens in the whole step")
         loss_sum = torch.zeros((), device=device)
         for j, b in enumerate(micro):
             net.set_requires_gradient_sync(j == accum - 1)  # reduce-scatter once per step, not per micro-batch
-            px = M.normalize_pixels(b["pixels"].to(device), dtype) if b["n_images"] else None
-            loss = net(b["input_ids"].to(device), px, b["doc_lens"], b["targets"].to(device), doc_mask=cfg.doc_mask,
-                       backend=cfg.attention)
+            px = M.normalize_pixels(M.to_device(b["pixels"], device), dtype) if b["n_images"] else None
+            loss = net(M.to_device(b["input_ids"], device), px, b["doc_lens"], M.to_device(b["targets"], device),
+                       doc_mask=cfg.doc_mask, backend=cfg.attention)
             # Sum of token losses over the global count of supervised tokens; FSDP averages gradients over ranks,
             # so multiply by the world size to get the true global mean (not a mean of per-micro-batch means).
             (loss * world / n_sup).backward()
@@ -448,27 +471,26 @@ def run(cfg, rank, world, device, stage):
             g["lr"] = lr
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()  # the step's time includes the optimizer's kernels
         dt = time.perf_counter() - t0
-        f = sum(flops(mcfg, b, cfg.train_vision) for b in micro)
-        fl = torch.tensor([f], dtype=torch.float64, device=device)
-        dist.all_reduce(fl)
-        rec = {"step": step + 1, "loss": loss_val, "lr": lr, "grad_norm": gnorm_val, "tokens": int(counts[1]),
-               "supervised": int(n_sup), "images": int(counts[2]), "bad_images": int(counts[3]), "time": dt,
-               "data_wait": t_data / dt, "mfu": fl.item() / dt / peak}
-        window.append(rec)
-        if rank == 0:
+        history.append({"step": step + 1, "loss": loss_val, "lr": lr, "grad_norm": gnorm_val, "tokens": int(n_tokens),
+                        "supervised": int(n_sup), "images": int(n_images), "bad_images": int(bad), "time": dt,
+                        "data_wait": t_data / dt, "mfu": f / dt / spec, "mfu_measured": f / dt / measured})
+        if rank == 0 and cfg.save:
             with open(metrics_path, "a") as fh:
-                fh.write(json.dumps(rec) + "\n")
-            if wandb:
-                wandb.log(rec, step=step + 1)
+                fh.write(json.dumps(history[-1]) + "\n")
+        if wandb:
+            wandb.log(history[-1], step=step + 1)
         if (step + 1) % cfg.log_every == 0 or step + 1 == total or step == start:
-            log_line(window, step + 1, total, start, t_start, device)
-            window = []
-        if (cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0) or step + 1 == total:
+            log_line(history[-cfg.log_every:], step + 1, total, start, t_start, device)  # the last log_every steps
+        if cfg.save and ((cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0) or step + 1 == total):
             save_checkpoint(net, opt, cfg.out, step + 1, {"step": step + 1, "rows": (step + 1) * cfg.global_batch,
                                                           "config": dataclasses.asdict(cfg), "commit": git_commit()},
                             cfg.keep)
-    save_final(net, mcfg, cfg, tok_path)
+    if cfg.save:
+        save_final(net, mcfg, cfg, tok_path)
+    return history
 
 
 def log_line(window, step, total, start, t_start, device):
@@ -481,7 +503,8 @@ def log_line(window, step, total, start, t_start, device):
     print0(f"[{bar:<20}] step {step}/{total} loss {window[-1]['loss']:.4f} lr {window[-1]['lr']:.2e} "
            f"gnorm {window[-1]['grad_norm']:.2f} | {sum(r['tokens'] for r in window) / t:,.0f} tok/s "
            f"{sum(r['images'] for r in window) / t:,.1f} img/s mfu {np.mean([r['mfu'] for r in window]):.1%} "
-           f"mem {mem:.1f}G data {np.mean([r['data_wait'] for r in window]):.0%} | eta {eta / 60:.1f}m")
+           f"({np.mean([r['mfu_measured'] for r in window]):.1%} of measured) mem {mem:.1f}G "
+           f"data {np.mean([r['data_wait'] for r in window]):.0%} | eta {eta / 60:.1f}m")
 
 
 def save_final(net, mcfg: M.VLMConfig, cfg: Config, tok_path: str):
@@ -497,4 +520,4 @@ def save_final(net, mcfg: M.VLMConfig, cfg: Config, tok_path: str):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -109,7 +109,7 @@ def bench(cfg, vocab):
     b = {"n_tokens": tokens, "attn_pairs": cfg.rows * cfg.seq_len * (cfg.seq_len + 1) // 2, "n_sup": n_sup,
          "n_images": n_images}
     model_flops = train.flops(ours.config, b, train_vision=False)
-    peak = train.peak_flops(train.Config(), torch.device("cpu"), dtype)
+    peak = train.matmul_peak(torch.device("cpu"), dtype)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {cfg.dtype}; {cfg.rows} rows x "
           f"{cfg.seq_len} tokens, {n_images} images x {cfg.image_tokens} tokens, {n_sup} supervised tokens")
     print(f"vision 12 blocks x 384 (16x16 patches), llm 8 layers x 512, vocab {vocab}; "

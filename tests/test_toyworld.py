@@ -1,4 +1,5 @@
 """The toy world: determinism, formats read back with plain readers, counts, ground truth, held-out evaluation."""
+import ast
 import base64
 import collections
 import csv
@@ -51,6 +52,17 @@ def pixels_hash(data):
     return hashlib.sha1(np.asarray(Image.open(io.BytesIO(data)).convert("RGB")).tobytes()).hexdigest()
 
 
+def tsv(root, name):
+    """An eval TSV read with the stdlib csv module, as eval.py and VLMEvalKit's pandas read it."""
+    with open(os.path.join(root, "eval", name), newline="") as f:
+        return list(csv.DictReader(f, delimiter="\t"))
+
+
+def images_of(images):
+    """The image paths of an SFT conversation: one path or a list."""
+    return images if isinstance(images, list) else [images]
+
+
 def broken_keys(m):
     return {key: kind for kind, keys in m["pool"]["broken"].items() for key in keys}
 
@@ -63,7 +75,7 @@ def test_same_seed_gives_byte_identical_files(toy_world, tmp_path):
     again = str(tmp_path / "again")
     toyworld.build(again, **config(toy_world))
     names = files_under(toy_world)
-    assert names == files_under(again) and len(names) > 250
+    assert names == files_under(again) and len(names) > 200
     for name in names:
         with open(os.path.join(toy_world, name), "rb") as a, open(os.path.join(again, name), "rb") as b:
             assert a.read() == b.read(), f"{name} differs between two builds with the same seed"
@@ -72,7 +84,7 @@ def test_same_seed_gives_byte_identical_files(toy_world, tmp_path):
 def test_another_seed_gives_another_world(tmp_path):
     toyworld.build(str(tmp_path / "s0"), **TINY)
     toyworld.build(str(tmp_path / "s1"), **{**TINY, "seed": 1})
-    for name in ("pool/000000.tar", "sft/sft.json", "eval/pope.jsonl"):
+    for name in ("pool/000000.tar", "sft/sft.json", "eval/POPE.tsv"):
         assert open(tmp_path / "s0" / name, "rb").read() != open(tmp_path / "s1" / name, "rb").read()
 
 
@@ -260,38 +272,42 @@ def test_manifest_counts_match_disk(toy_world):
     with_image = [c for c in sft if "image" in c]
     assert files["sft/sft.json"] == {"conversations": len(sft), "with_image": len(with_image),
                                      "text_only": len(sft) - len(with_image),
-                                     "multi_turn": sum(len(c["conversations"]) > 2 for c in sft)}
+                                     "multi_turn": sum(len(c["conversations"]) > 2 for c in sft),
+                                     "two_images": sum(isinstance(c.get("image"), list) for c in sft)}
     on_disk = sorted(os.listdir(os.path.join(toy_world, "sft", "images")))
     assert files["sft/images"]["files"] == len(on_disk) == len(m["scenes"]["sft"])
-    assert on_disk == sorted(os.path.basename(c["image"]) for c in with_image)
+    assert on_disk == sorted(os.path.basename(p) for c in with_image for p in images_of(c["image"]))
 
-    rows = list(csv.DictReader(open(os.path.join(toy_world, "eval", "mmbench.tsv")), delimiter="\t"))
-    assert files["eval/mmbench.tsv"] == {"questions": len({int(r["index"]) % 1_000_000 for r in rows}),
-                                         "rows": len(rows)}
-    pope = [json.loads(line) for line in open(os.path.join(toy_world, "eval", "pope.jsonl"))]
-    answers = collections.Counter(r["answer"] for r in pope)
-    assert files["eval/pope.jsonl"] == {"questions": len(pope), "yes": answers["yes"], "no": answers["no"],
-                                        "images": len({r["image"] for r in pope})}
-    tv = json.load(open(os.path.join(toy_world, "eval", "textvqa.json")))["data"]
-    assert files["eval/textvqa.json"] == {"questions": len(tv), "images": len({r["image"] for r in tv})}
-    referenced = {r["image"] for r in pope} | {r["image"] for r in tv}
-    on_disk = {f"images/{f}" for f in os.listdir(os.path.join(toy_world, "eval", "images"))}
-    assert files["eval/images"]["files"] == len(on_disk) and on_disk == referenced
-    for name in ("eval/mmbench.tsv", "eval/pope.jsonl", "eval/textvqa.json"):
-        assert files[name]["questions"] == m["config"]["n_eval"]
+    n = m["config"]["n_eval"]
+    rows = tsv(toy_world, "MMBench_DEV_EN.tsv")
+    assert files["eval/MMBench_DEV_EN.tsv"] == {"questions": len({int(r["index"]) % 1_000_000 for r in rows}),
+                                                "rows": len(rows)}
+    assert files["eval/MMBench_DEV_EN.tsv"]["questions"] == n
+    pope = tsv(toy_world, "POPE.tsv")
+    asked = collections.Counter(r["answer"] for r in pope for _ in r["category"].split(","))
+    assert files["eval/POPE.tsv"] == {"questions": n, "rows": len(pope), "yes": asked["Yes"], "no": asked["No"],
+                                      "images": sum(len(r["image"]) > 64 for r in pope)}
+    assert asked["Yes"] + asked["No"] == n
+    for name in ("TextVQA_VAL.tsv", "MUIRBench.tsv"):
+        assert files[f"eval/{name}"] == {"questions": n} and len(tsv(toy_world, name)) == n
     assert files["tokenizer.json"]["vocab_size"] == len(model.Tokenizer(toy_world))
 
-    expected = {"manifest.json", "tokenizer.json", "sft/sft.json", "eval/mmbench.tsv", "eval/pope.jsonl",
-                "eval/textvqa.json", *shards, *(f"sft/{c['image']}" for c in with_image),
-                *(f"eval/{p}" for p in referenced)}
+    expected = {"manifest.json", "tokenizer.json", "sft/sft.json", *shards, *(f"eval/{x}" for x in EVAL_FILES),
+                *(f"sft/{p}" for c in with_image for p in images_of(c["image"]))}
     assert set(files_under(toy_world)) == expected  # nothing on disk that the manifest does not account for
 
 
-def eval_images(root, m):
-    """Pixel hashes of every evaluation image: the eval/images files and MMBench's base64 images."""
-    out = {pixels_hash(open(p, "rb").read()) for p in glob.glob(os.path.join(root, "eval", "images", "*"))}
-    for r in csv.DictReader(open(os.path.join(root, "eval", "mmbench.tsv")), delimiter="\t"):
-        out.add(pixels_hash(base64.b64decode(r["image"])))
+EVAL_FILES = ("MMBench_DEV_EN.tsv", "POPE.tsv", "TextVQA_VAL.tsv", "MUIRBench.tsv")
+
+
+def eval_images(root):
+    """Pixel hashes of every evaluation image (the base64 images of the TSVs; back-references skipped)."""
+    out = set()
+    for name in EVAL_FILES:
+        for r in tsv(root, name):
+            cell = r["image"]
+            for data in ast.literal_eval(cell) if cell.startswith("[") else [cell] if len(cell) > 64 else []:
+                out.add(pixels_hash(base64.b64decode(data)))
     return out
 
 
@@ -299,7 +315,8 @@ def test_eval_scenes_never_appear_in_training(toy_world):
     m = manifest(toy_world)
     train = [*m["scenes"]["pool"].values(), *m["scenes"]["sft"].values()]
     held_out = list(m["scenes"]["eval"].values())
-    assert len(held_out) == m["config"]["n_eval"] + m["files"]["eval/images"]["files"]  # MMBench's, then files
+    n = m["config"]["n_eval"]
+    assert len(held_out) == n + m["files"]["eval/POPE.tsv"]["images"] + n + 2 * n  # MMBench, POPE, TextVQA, MUIR
     assert not any(toyworld.is_eval(s) for s in train) and all(toyworld.is_eval(s) for s in held_out)
     assert not {toyworld.signature(s) for s in train} & {toyworld.signature(s) for s in held_out}
     # and no evaluation image is pixel-identical to a training image, so no (image, question) pair is either
@@ -307,7 +324,8 @@ def test_eval_scenes_never_appear_in_training(toy_world):
     seen = {pixels_hash(r.get("jpg") or r["png"]) for k, r in members.items()
             if broken.get(k) not in ("truncated_jpeg", "zero_byte_image")}
     seen |= {pixels_hash(open(p, "rb").read()) for p in glob.glob(os.path.join(toy_world, "sft", "images", "*"))}
-    assert len(seen) > 700 and not seen & eval_images(toy_world, m)
+    shown = eval_images(toy_world)
+    assert len(seen) > 700 and len(shown) > 200 and not seen & shown
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -322,12 +340,20 @@ def test_sft_is_llava_format_and_true_to_the_images(toy_world):
         turns = conv["conversations"]
         assert len(turns) % 2 == 0 and [t["from"] for t in turns] == ["human", "gpt"] * (len(turns) // 2)
         assert all(t["value"].strip() for t in turns)
-        assert sum(t["value"].count("<image>") for t in turns) == turns[0]["value"].count("<image>") == \
-            ("image" in conv)
-        if "image" in conv:
-            assert os.path.isfile(os.path.join(toy_world, "sft", conv["image"]))
+        images = images_of(conv.get("image", []))
+        assert sum(t["value"].count("<image>") for t in turns) == turns[0]["value"].count("<image>") == len(images)
+        assert all(os.path.isfile(os.path.join(toy_world, "sft", p)) for p in images)
         ids, labels = model.chat_tokens(tok, turns)
-        assert sum(x == model.IMAGE_ID for x in ids) == ("image" in conv) and any(x != model.IGNORE for x in labels)
+        assert sum(x == model.IMAGE_ID for x in ids) == len(images) and any(x != model.IGNORE for x in labels)
+        if len(images) == 2:  # two training scenes and a question that needs both, answered right
+            a, b = (m["scenes"]["sft"][os.path.basename(p)[:-4]] for p in images)
+            q, ans = turns[0]["value"], turns[1]["value"]
+            asked["two"] += 1
+            kind = re.search(r"shows an? (\w+) (\w+)\?", q)
+            want = "AB"[len(b["objects"]) > len(a["objects"])] if kind is None else \
+                "AB"[any(o[:2] == list(kind.groups()) for o in b["objects"])]
+            assert ans in (want, f"The {('first', 'second')['AB'.index(want)]} image.")
+            continue
         scene = m["scenes"]["sft"].get(conv["id"])
         for q, a in zip(turns[::2], turns[1::2]):
             q, a = q["value"].replace("<image>", "").strip(), a["value"]
@@ -339,17 +365,15 @@ def test_sft_is_llava_format_and_true_to_the_images(toy_world):
                                r"phrase\.", q)
             if got:  # short answers agree with the scene
                 assert int(a) == sum(o[:2] == [got[1], got[2]] for o in scene["objects"])
-    assert all(asked[k] > 5 for k in ("color", "shape", "count", "position", "text", "exist", "mc", "short")), asked
+    assert all(asked[k] > 5 for k in ("color", "shape", "count", "position", "text", "exist", "mc", "short", "two")), \
+        asked
     assert m["files"]["sft/sft.json"]["text_only"] >= 1 and m["files"]["sft/sft.json"]["multi_turn"] > 20
 
 
 def test_mmbench_tsv_has_circular_copies_and_right_answers(toy_world):
     m = manifest(toy_world)
-    with open(os.path.join(toy_world, "eval", "mmbench.tsv"), newline="") as f:
-        reader = csv.DictReader(f, delimiter="\t")
-        assert reader.fieldnames == ["index", "question", "hint", "A", "B", "C", "D", "answer", "category", "image",
-                                     "split"]
-        rows = list(reader)
+    rows = tsv(toy_world, "MMBench_DEV_EN.tsv")
+    assert list(rows[0]) == ["index", "question", "hint", "A", "B", "C", "D", "answer", "category", "image", "split"]
     by_q = collections.defaultdict(list)
     for r in rows:
         by_q[int(r["index"]) % 1_000_000].append(r)
@@ -359,7 +383,8 @@ def test_mmbench_tsv_has_circular_copies_and_right_answers(toy_world):
         n_opts = sum(bool(copies[0][x]) for x in "ABCD")
         assert n_opts in (2, 4) and sorted(int(r["index"]) for r in copies) == [g + k * 1_000_000 for k in
                                                                                  range(n_opts)]
-        assert len({r["question"] for r in copies}) == len({r["image"] for r in copies}) == 1
+        assert len({r["question"] for r in copies}) == 1
+        assert [r["image"] for r in copies[1:]] == [str(g)] * (n_opts - 1)  # back-references to the original's image
         assert len({r[r["answer"]] for r in copies}) == 1  # the same answer text ...
         assert len({r["answer"] for r in copies}) == n_opts  # ... under every letter in turn
         assert Image.open(io.BytesIO(base64.b64decode(copies[0]["image"]))).size == (m["config"]["image_size"],) * 2
@@ -376,28 +401,51 @@ def test_mmbench_tsv_has_circular_copies_and_right_answers(toy_world):
 
 def test_pope_is_balanced_and_true(toy_world):
     m = manifest(toy_world)
-    pope = [json.loads(line) for line in open(os.path.join(toy_world, "eval", "pope.jsonl"))]
-    n = m["config"]["n_eval"]
-    assert [r["question_id"] for r in pope] == list(range(1, n + 1))
-    count = collections.Counter((r["category"], r["answer"]) for r in pope)
+    pope, n = tsv(toy_world, "POPE.tsv"), m["config"]["n_eval"]
+    assert [int(r["index"]) for r in pope] == list(range(len(pope))) and len(pope) < n  # some rows serve 2-3 ways
+    assert len({(r["image"] if len(r["image"]) <= 64 else r["index"], r["question"]) for r in pope}) == len(pope)
+    count = collections.Counter((c, r["answer"]) for r in pope for c in r["category"].split(","))
     for cat in ("random", "popular", "adversarial"):
-        assert abs(count[(cat, "yes")] - count[(cat, "no")]) <= 1 and count[(cat, "yes")] >= n // 6
+        assert abs(count[(cat, "Yes")] - count[(cat, "No")]) <= 1 and count[(cat, "Yes")] >= n // 6
     for r in pope:
         c, s = re.fullmatch(r"Is there an? (\w+) (\w+) in the image\?", r["question"]).groups()
-        scene = m["scenes"]["eval"][r["image_source"]]
-        assert r["answer"] == ("yes" if any(o[:2] == [c, s] for o in scene["objects"]) else "no")
-        assert os.path.isfile(os.path.join(toy_world, "eval", r["image"]))
+        scene = m["scenes"]["eval"][f"pope/{r['image'] if len(r['image']) <= 64 else r['index']}"]
+        assert r["answer"] == ("Yes" if any(o[:2] == [c, s] for o in scene["objects"]) else "No")
+        if len(r["image"]) > 64:
+            assert pixels_hash(base64.b64decode(r["image"])) == pixels_hash(toyworld.encode(toyworld.render(
+                scene, m["config"]["image_size"])))
 
 
 def test_textvqa_has_ten_answers_agreeing_with_the_image(toy_world):
     m = manifest(toy_world)
-    data = json.load(open(os.path.join(toy_world, "eval", "textvqa.json")))["data"]
-    assert len(data) == len({r["question_id"] for r in data}) == m["config"]["n_eval"]
+    data = tsv(toy_world, "TextVQA_VAL.tsv")
+    assert [int(r["index"]) for r in data] == list(range(m["config"]["n_eval"]))
     for r in data:
-        assert len(r["answers"]) == 10 and all(isinstance(a, str) and a for a in r["answers"])
-        word = m["scenes"]["eval"][r["image_id"]]["text"][0]
-        assert collections.Counter(r["answers"]).most_common(1)[0][0] == word
-        assert Image.open(os.path.join(toy_world, "eval", r["image"])).size == (m["config"]["image_size"],) * 2
+        answers = ast.literal_eval(r["answer"])
+        assert len(answers) == 10 and all(isinstance(a, str) and a for a in answers)
+        word = m["scenes"]["eval"][f"textvqa/{r['index']}"]["text"][0]
+        assert collections.Counter(answers).most_common(1)[0][0] == word
+        assert Image.open(io.BytesIO(base64.b64decode(r["image"]))).size == (m["config"]["image_size"],) * 2
+
+
+def test_muirbench_needs_both_images_and_is_right(toy_world):
+    m = manifest(toy_world)
+    rows = tsv(toy_world, "MUIRBench.tsv")
+    assert list(rows[0]) == ["index", "question", "A", "B", "answer", "category", "image"]
+    assert {r["category"] for r in rows} == {"counting", "existence"} and {r["answer"] for r in rows} == {"A", "B"}
+    for r in rows:
+        assert r["question"].count("<image>") == 2 and (r["A"], r["B"]) == toyworld.TWO_IMAGES
+        images = ast.literal_eval(r["image"])
+        a, b = (m["scenes"]["eval"][f"muirbench/{r['index']}/{k}"] for k in range(2))
+        assert [pixels_hash(base64.b64decode(x)) for x in images] == [
+            pixels_hash(toyworld.encode(toyworld.render(s, m["config"]["image_size"]))) for s in (a, b)]
+        if r["category"] == "counting":
+            assert len(a["objects"]) != len(b["objects"])
+            assert r["answer"] == "AB"[len(b["objects"]) > len(a["objects"])]
+        else:
+            c, s = re.search(r"shows an? (\w+) (\w+)\?", r["question"]).groups()
+            has = [any(o[:2] == [c, s] for o in x["objects"]) for x in (a, b)]
+            assert sum(has) == 1 and r["answer"] == "AB"[has[1]]
 
 
 # -----------------------------------------------------------------------------------------------------------------

@@ -116,3 +116,28 @@ def test_non_finite_loss_stops_naming_step_and_rows(packed, tmp_path):
     with pytest.raises(RuntimeError, match=r"step \d+ \(rows from \d+.*non-finite"):
         train.main(flags(packed, tmp_path / "nan", "--steps", "20", "--lr", "1e30", "--warmup", "0", "--workers", "0"))
     assert not (tmp_path / "nan" / "final").exists()
+
+
+def test_step_dirs_of_an_earlier_run_or_past_the_resumed_step_are_replaced(packed, tmp_path):
+    """gpu-review 18: renaming step_N.tmp onto an existing step_N raised OSError 39."""
+    out, fast = tmp_path / "run", ("--workers", "0", "--ckpt-every", "2")
+    train.main(flags(packed, out, "--steps", "4", *fast))  # step_2 and step_4
+    first = train.checkpoint_dirs(str(out))
+    train.main(flags(packed, out, "--steps", "4", *fast, "--resume", first[0]))  # writes step_4 again
+    assert train.checkpoint_dirs(str(out)) == first and len(losses(out)) == 4
+    train.main(flags(packed, out, "--steps", "2", *fast, "--seed", "8"))  # a new run in the same --out
+    (only,) = train.checkpoint_dirs(str(out))
+    with open(os.path.join(only, "meta.json")) as f:
+        assert os.path.basename(only) == "step_0000002" and json.load(f)["config"]["seed"] == 8
+
+
+def test_no_save_writes_nothing_and_returns_the_records(packed, tmp_path):
+    records = train.main(flags(packed, tmp_path / "nosave", "--steps", "3", "--workers", "0", "--save", "false"))
+    assert not (tmp_path / "nosave").exists()
+    assert [r["step"] for r in records] == [1, 2, 3] and records[-1]["loss"] < records[0]["loss"]
+    assert all(0 < r["mfu"] and 0 < r["mfu_measured"] and r["tokens"] > 0 for r in records)
+
+
+def test_docs_attention_under_compile_is_refused(packed, tmp_path):
+    with pytest.raises(SystemExit, match="recompiles"):
+        train.main(flags(packed, tmp_path / "x", "--attention", "docs", "--compile"))
