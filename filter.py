@@ -98,6 +98,46 @@ def shard_batches(path: str, batch_size: int, image_size: int, workers: int):
 # score and mlm: per input shard, one jsonl line per sample
 
 
+class SiglipTokenizer:
+    """= SiglipProcessor(text, padding="max_length", max_length=length, truncation=True), from spiece.model or
+    tokenizer.json: SigLIP's text tower pools the last (pad) position, so the padding is part of every score."""
+
+    def __init__(self, src: str, length: int = 64, pad: str | None = None):
+        import re
+        d = src if os.path.isdir(src) else os.path.dirname(src)
+        cfg = json.load(open(p)) if os.path.isfile(p := os.path.join(d, "tokenizer_config.json")) else {}
+        token = lambda k, v: x["content"] if isinstance(x := cfg.get(k, v), dict) else x  # noqa: E731
+        self.length, self.sp, self.pad = length, None, (pad := pad or token("pad_token", "</s>"))
+        if os.path.isdir(src) and os.path.isfile(sp := os.path.join(d, "spiece.model")):
+            import sentencepiece
+            self.sp, self.lower = sentencepiece.SentencePieceProcessor(model_file=sp), cfg.get("do_lower_case", True)
+            eos, self.unk = token("eos_token", "</s>"), token("unk_token", "<unk>")
+            self.no_punct = str.maketrans("", "", r"""!"#$%&'()*+,-./:;<=>?@[\]^_`{|}~""")  # string.punctuation
+            self.special = {t: self.sp.piece_to_id(t) for t in (eos, self.unk, self.pad)}  # split out with their spaces
+            self.split = re.compile(r"\s*(" + "|".join(map(re.escape, sorted(self.special, key=len)[::-1])) + r")\s*")
+            self.unk_len, self.eos_id = len(self.sp.encode(self.unk, out_type=str)), self.special[eos]
+        else:
+            import tokenizers
+            self.tok = tokenizers.Tokenizer.from_file(os.path.join(d, "tokenizer.json") if d == src else src)
+            if (pad_id := self.tok.token_to_id(self.pad)) is None:
+                raise ValueError(f"{src}: pad token {self.pad!r} (tokenizer_config) is not in tokenizer.json")
+            self.tok.enable_truncation(length), self.tok.enable_padding(length=length, pad_id=pad_id, pad_token=pad)
+        self.pad_id = self.special[self.pad] if self.sp else pad_id
+
+    def encode(self, text: str) -> list[int]:
+        if self.sp is None:
+            return self.tok.encode(text).ids
+        pieces = []
+        for i, part in enumerate(self.split.split("\u2581" + text.replace("\u2581", " "))):  # odd: special tokens
+            canon = " ".join((part.lower() if self.lower else part).translate(self.no_punct).split())
+            got = [part] if i % 2 else self.sp.encode(self.unk + canon, out_type=str) if part else []  # after <unk>:
+            pieces += got[self.unk_len:] if i % 2 == 0 and len(got) >= self.unk_len else got  # the marker survives
+        pieces = pieces[1:] if len(pieces) > 1 and pieces[0] == "\u2581" and pieces[1] in self.special else pieces
+        ids = [self.special[t] if t in self.special else self.sp.piece_to_id(t) for t in pieces][: self.length - 1]
+        ids += [] if ids and ids[-1] == self.eos_id else [self.eos_id]
+        return ids + [self.pad_id] * (self.length - len(ids))
+
+
 def device_dtype(precision: str):
     cuda = torch.cuda.is_available()
     dev = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
@@ -158,7 +198,7 @@ def run_shards(what: str, cfg, settings: dict, image_size: int, fields: tuple, s
 def score(cfg: ScoreConfig) -> dict:
     dev, dtype = device_dtype(cfg.precision)
     d = W.resolve(cfg.model, ("*.json", "*.safetensors", "spiece.model"))
-    net, tok = W.load_siglip(d, dtype=dtype).to(dev).eval(), M.SiglipTokenizer(d, 64)  # SiglipProcessor's max_length
+    net, tok = W.load_siglip(d, dtype=dtype).to(dev).eval(), SiglipTokenizer(d, 64)  # SiglipProcessor's max_length
 
     @torch.no_grad()
     def score_batch(rows, px):
@@ -238,6 +278,48 @@ def mlm(cfg: MLMConfig) -> dict:
                       judge.config.vision.image_size, ("raw", "score"), score_batch)
 
 
+# The toy SigLIP's writer: HF layout, loadable by weights.load_siglip and transformers' SiglipModel. Our prefix
+# -> transformers' (leaves inside blocks by W.HF_LEAVES, the fused q/k/v split).
+SIGLIP_HF = {"vision.blocks.": "vision_model.encoder.layers.", "vision.post_norm.": "vision_model.post_layernorm.",
+             "vision.pos_embed": "vision_model.embeddings.position_embedding.weight",
+             "vision.patch_embed.": "vision_model.embeddings.patch_embedding.",
+             "vision.head.probe": "vision_model.head.probe", "vision.head.norm2.": "vision_model.head.layernorm.",
+             "vision.head.qkv.": "vision_model.head.attention.in_proj_", "vision.head.fc": "vision_model.head.mlp.fc",
+             "vision.head.proj.": "vision_model.head.attention.out_proj.", "text.blocks.": "text_model.encoder.layers.",
+             "text.token_embed.": "text_model.embeddings.token_embedding.", "text.head.": "text_model.head.",
+             "text.pos_embed": "text_model.embeddings.position_embedding.weight",
+             "text.final_norm.": "text_model.final_layer_norm.", "logit_": "logit_"}
+
+
+def save_siglip(out_dir: str, model: M.Siglip, tokenizer: str, pad: tuple[str, int], eos: tuple[str, int]):
+    """config.json (vision and text configs), model.safetensors (HF names), the tokenizer (tokenizer.json or
+    spiece.model) and its tokenizer_config.json (pad and eos are its (token, id); no attention_mask, as the official
+    converter ships SigLIP, which attends to its pads). config.json is written last."""
+    import shutil
+
+    def tensors():
+        for name, t in model.state_dict().items():
+            pre = next(p for p in SIGLIP_HF if name.startswith(p))
+            hf = SIGLIP_HF[pre] + ".".join(W.HF_LEAVES.get(p, p) for p in name[len(pre):].split(".") if p)
+            yield from zip(map(hf.format, "qkv"), t.chunk(3)) if "{}" in hf else [(hf, t)]
+    os.makedirs(out_dir, exist_ok=True)
+    W.write_safetensors(out_dir, tensors())
+    sp, t = tokenizer.endswith(".model"), model.text  # SiglipText keeps no config: read it off the modules
+    shutil.copyfile(tokenizer, os.path.join(out_dir, "spiece.model" if sp else "tokenizer.json"))
+    M.write_json(os.path.join(out_dir, "tokenizer_config.json"), {
+        "tokenizer_class": "SiglipTokenizer" if sp else "PreTrainedTokenizerFast", "pad_token": pad[0],
+        "eos_token": eos[0], "model_max_length": t.pos_embed.shape[0], "model_input_names": ["input_ids"]})
+    vision = W.hf_configs(W.VLMConfig(model.vision.config, W.QwenConfig()))[0]
+    text = dict(model_type="siglip_text_model", vocab_size=t.token_embed.num_embeddings, hidden_size=t.head.in_features,
+                intermediate_size=t.blocks[0].fc1.out_features, num_hidden_layers=len(t.blocks),
+                num_attention_heads=t.blocks[0].heads, max_position_embeddings=t.pos_embed.shape[0],
+                projection_size=t.head.out_features, layer_norm_eps=t.final_norm.eps,
+                hidden_act="gelu_pytorch_tanh" if t.blocks[0].approximate == "tanh" else "gelu",
+                pad_token_id=pad[1], eos_token_id=eos[1], bos_token_id=None)
+    M.write_json(os.path.join(out_dir, "config.json"), {"model_type": "siglip", "architectures": ["SiglipModel"],
+                 "vision_config": {**vision, "vision_use_head": model.vision.config.use_head}, "text_config": text})
+
+
 # -----------------------------------------------------------------------------------------------------------------
 # train: the toy world's stand-in for the pretrained SigLIP/DFN/CLIP scorers of real data
 
@@ -265,7 +347,7 @@ def train(cfg: TrainConfig) -> dict:
         import toyworld
         world = toyworld.ensure()
         cfg.input, cfg.tokenizer = cfg.input or [f"{world}/pool"], cfg.tokenizer or f"{world}/tokenizer.json"
-    tok, pixels, ids, skipped = M.SiglipTokenizer(cfg.tokenizer, 64, cfg.pad_token), [], [], Counter()
+    tok, pixels, ids, skipped = SiglipTokenizer(cfg.tokenizer, 64, cfg.pad_token), [], [], Counter()
     for src in pack.resolve_inputs(cfg.input):  # the whole set in memory: the toy pool is 20k x 64 px
         for rows, px in shard_batches(src, 512, cfg.image_size, 2):
             pixels.append(px)
@@ -295,7 +377,7 @@ def train(cfg: TrainConfig) -> dict:
         if step % 50 == 0 or step == cfg.steps:
             print(f"train: step {step}/{cfg.steps} loss {loss.item():.3f} {step * len(pick) / (time.time() - t0):,.0f} "
                   f"pairs/s ETA {(time.time() - t0) / step * (cfg.steps - step) / 60:.1f} min", file=sys.stderr)
-    W.save_siglip(cfg.out, net, cfg.tokenizer, (tok.pad, tok.pad_id), (tok.pad, tok.pad_id))
+    save_siglip(cfg.out, net, cfg.tokenizer, (tok.pad, tok.pad_id), (tok.pad, tok.pad_id))
     return {"pairs": len(ids), "loss": loss.item(), "seconds": time.time() - t0}
 
 

@@ -212,46 +212,6 @@ def preprocess(src, size: int) -> torch.Tensor:
     return normalize_pixels(image_to_uint8(img.convert("RGB"), size))
 
 
-class SiglipTokenizer:
-    """= SiglipProcessor(text, padding="max_length", max_length=length, truncation=True), from spiece.model or
-    tokenizer.json: SigLIP's text tower pools the last (pad) position, so the padding is part of every score."""
-
-    def __init__(self, src: str, length: int = 64, pad: str | None = None):
-        import re
-        d = src if os.path.isdir(src) else os.path.dirname(src)
-        cfg = json.load(open(p)) if os.path.isfile(p := os.path.join(d, "tokenizer_config.json")) else {}
-        token = lambda k, v: x["content"] if isinstance(x := cfg.get(k, v), dict) else x  # noqa: E731
-        self.length, self.sp, self.pad = length, None, (pad := pad or token("pad_token", "</s>"))
-        if os.path.isdir(src) and os.path.isfile(sp := os.path.join(d, "spiece.model")):
-            import sentencepiece
-            self.sp, self.lower = sentencepiece.SentencePieceProcessor(model_file=sp), cfg.get("do_lower_case", True)
-            eos, self.unk = token("eos_token", "</s>"), token("unk_token", "<unk>")
-            self.no_punct = str.maketrans("", "", r"""!"#$%&'()*+,-./:;<=>?@[\]^_`{|}~""")  # string.punctuation
-            self.special = {t: self.sp.piece_to_id(t) for t in (eos, self.unk, self.pad)}  # split out with their spaces
-            self.split = re.compile(r"\s*(" + "|".join(map(re.escape, sorted(self.special, key=len)[::-1])) + r")\s*")
-            self.unk_len, self.eos_id = len(self.sp.encode(self.unk, out_type=str)), self.special[eos]
-        else:
-            import tokenizers
-            self.tok = tokenizers.Tokenizer.from_file(os.path.join(d, "tokenizer.json") if d == src else src)
-            if (pad_id := self.tok.token_to_id(self.pad)) is None:
-                raise ValueError(f"{src}: pad token {self.pad!r} (tokenizer_config) is not in tokenizer.json")
-            self.tok.enable_truncation(length), self.tok.enable_padding(length=length, pad_id=pad_id, pad_token=pad)
-        self.pad_id = self.special[self.pad] if self.sp else pad_id
-
-    def encode(self, text: str) -> list[int]:
-        if self.sp is None:
-            return self.tok.encode(text).ids
-        pieces = []
-        for i, part in enumerate(self.split.split("\u2581" + text.replace("\u2581", " "))):  # odd: special tokens
-            canon = " ".join((part.lower() if self.lower else part).translate(self.no_punct).split())
-            got = [part] if i % 2 else self.sp.encode(self.unk + canon, out_type=str) if part else []  # after <unk>:
-            pieces += got[self.unk_len:] if i % 2 == 0 and len(got) >= self.unk_len else got  # the marker survives
-        pieces = pieces[1:] if len(pieces) > 1 and pieces[0] == "\u2581" and pieces[1] in self.special else pieces
-        ids = [self.special[t] if t in self.special else self.sp.piece_to_id(t) for t in pieces][: self.length - 1]
-        ids += [] if ids and ids[-1] == self.eos_id else [self.eos_id]
-        return ids + [self.pad_id] * (self.length - len(ids))
-
-
 # -----------------------------------------------------------------------------------------------------------------
 # Configs. Field names are ours; weights.py reads transformers' config.json files into them.
 

@@ -237,48 +237,6 @@ def load_siglip(src: str, dtype=None) -> Siglip:
     return load_into(model, read_tensors(d), key_map, dtype)
 
 
-# The writer beside the reader: SigLIP in HF layout, loadable by load_siglip and transformers' SiglipModel. Our prefix
-# -> transformers' (leaves inside blocks by HF_LEAVES, the fused q/k/v split).
-SIGLIP_HF = {"vision.blocks.": "vision_model.encoder.layers.", "vision.post_norm.": "vision_model.post_layernorm.",
-             "vision.pos_embed": "vision_model.embeddings.position_embedding.weight",
-             "vision.patch_embed.": "vision_model.embeddings.patch_embedding.",
-             "vision.head.probe": "vision_model.head.probe", "vision.head.norm2.": "vision_model.head.layernorm.",
-             "vision.head.qkv.": "vision_model.head.attention.in_proj_", "vision.head.fc": "vision_model.head.mlp.fc",
-             "vision.head.proj.": "vision_model.head.attention.out_proj.", "text.blocks.": "text_model.encoder.layers.",
-             "text.token_embed.": "text_model.embeddings.token_embedding.", "text.head.": "text_model.head.",
-             "text.pos_embed": "text_model.embeddings.position_embedding.weight",
-             "text.final_norm.": "text_model.final_layer_norm.", "logit_": "logit_"}
-
-
-def save_siglip(out_dir: str, model: Siglip, tokenizer: str, pad: tuple[str, int], eos: tuple[str, int]):
-    """config.json (vision and text configs), model.safetensors (HF names), the tokenizer (tokenizer.json or
-    spiece.model) and its tokenizer_config.json (pad and eos are its (token, id); no attention_mask, as the official
-    converter ships SigLIP, which attends to its pads). config.json is written last."""
-    import shutil
-
-    def tensors():
-        for name, t in model.state_dict().items():
-            pre = next(p for p in SIGLIP_HF if name.startswith(p))
-            hf = SIGLIP_HF[pre] + ".".join(HF_LEAVES.get(p, p) for p in name[len(pre):].split(".") if p)
-            yield from zip(map(hf.format, "qkv"), t.chunk(3)) if "{}" in hf else [(hf, t)]
-    os.makedirs(out_dir, exist_ok=True)
-    write_safetensors(out_dir, tensors())
-    sp, t = tokenizer.endswith(".model"), model.text  # SiglipText keeps no config: read it off the modules
-    shutil.copyfile(tokenizer, os.path.join(out_dir, "spiece.model" if sp else "tokenizer.json"))
-    M.write_json(os.path.join(out_dir, "tokenizer_config.json"), {
-        "tokenizer_class": "SiglipTokenizer" if sp else "PreTrainedTokenizerFast", "pad_token": pad[0],
-        "eos_token": eos[0], "model_max_length": t.pos_embed.shape[0], "model_input_names": ["input_ids"]})
-    vision = hf_configs(VLMConfig(model.vision.config, QwenConfig()))[0]
-    text = dict(model_type="siglip_text_model", vocab_size=t.token_embed.num_embeddings, hidden_size=t.head.in_features,
-                intermediate_size=t.blocks[0].fc1.out_features, num_hidden_layers=len(t.blocks),
-                num_attention_heads=t.blocks[0].heads, max_position_embeddings=t.pos_embed.shape[0],
-                projection_size=t.head.out_features, layer_norm_eps=t.final_norm.eps,
-                hidden_act="gelu_pytorch_tanh" if t.blocks[0].approximate == "tanh" else "gelu",
-                pad_token_id=pad[1], eos_token_id=eos[1], bos_token_id=None)
-    M.write_json(os.path.join(out_dir, "config.json"), {"model_type": "siglip", "architectures": ["SiglipModel"],
-                 "vision_config": {**vision, "vision_use_head": model.vision.config.use_head}, "text_config": text})
-
-
 def build_vlm(vision: str, llm: str, image_tokens: int = 144, act: str | None = None, dtype=None) -> VLM:
     """The pre-training start (§3.1): pretrained SigLIP and Qwen2 (local dirs or hub ids), a fresh projector."""
     v, q = load_vision(vision, act=act, dtype=dtype), load_qwen(llm, dtype=dtype)

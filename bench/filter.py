@@ -52,7 +52,7 @@ def random_siglip(out_dir, tokenizer, v: M.VisionConfig, t: M.TextConfig, seed=0
     net = M.Siglip(v, t)
     for p in net.parameters():
         torch.nn.init.normal_(p, std=0.02)
-    W.save_siglip(out_dir, net, tokenizer, ("<|endoftext|>", 0), ("<|endoftext|>", 0))
+    FL.save_siglip(out_dir, net, tokenizer, ("<|endoftext|>", 0), ("<|endoftext|>", 0))
     return net
 
 
@@ -137,7 +137,7 @@ def main():
     tmp = tempfile.mkdtemp()
     try:
         tok = os.path.join(world, "tokenizer.json")
-        w, L, vocab = cfg.width, cfg.layers, M.SiglipTokenizer(tok, 64, "<|endoftext|>").tok.get_vocab_size()
+        w, L, vocab = cfg.width, cfg.layers, FL.SiglipTokenizer(tok, 64, "<|endoftext|>").tok.get_vocab_size()
         random_siglip(os.path.join(tmp, "m"), tok, M.VisionConfig(cfg.image_size, cfg.patch_size, w, 4 * w, L, w // 32),
                       M.TextConfig(vocab, w, 4 * w, L, w // 32, 64, w))
         n, best = sum(sum(1 for _ in pack.read_tar(s)) for s in shards), {"ours": 1e9, "theirs": 1e9}
@@ -180,7 +180,7 @@ def gpu_section_filter(smoke: bool, vision: M.VisionConfig | None = None, text_l
     shards = sorted(os.path.join(pool, f) for f in os.listdir(pool))[: 1 if smoke else 2]
     tok = os.path.join(world, "tokenizer.json")
     v = vision or M.VisionConfig()  # so400m/14@384, and a text tower of its shape
-    vocab = M.SiglipTokenizer(tok, 64, "<|endoftext|>").tok.get_vocab_size()
+    vocab = FL.SiglipTokenizer(tok, 64, "<|endoftext|>").tok.get_vocab_size()
     t = M.TextConfig(vocab, v.hidden_size, v.intermediate_size, text_layers, v.num_heads, 64, v.hidden_size)
     tmp, dev, dtype = tempfile.mkdtemp(), torch.device("cuda" if cuda else "cpu"), torch.bfloat16 if cuda else None
     try:

@@ -6,6 +6,7 @@ files (a toy world, packed rows) go to a temp dir, never to the results folder, 
 
     python3 bench/gpu.py                                # everything: about 5 minutes on one H200, at most 6
     python3 bench/gpu.py --sections parity,attention    # only some (names below), e.g. to rerun what failed
+    python3 bench/gpu.py --sections sft,eval,filter     # the stages' own sections: about 3 minutes, at most 5.5
     python3 bench/gpu.py --smoke                        # every section at tiny shapes, on a CPU: tests/test_gpu.py
 
 Sections: env (versions, device, bf16 matmul peak, an NCCL world-of-one all-reduce), data (a toy world packed at
@@ -45,7 +46,7 @@ import train  # noqa: E402
 
 @dataclass
 class Config:
-    sections: str = ""  # comma-separated section names; "" = all, in the order of SECTIONS
+    sections: str = ""  # comma-separated section names; "" = the six core ones (smoke: all), in SECTIONS' order
     smoke: bool = False  # tiny shapes whatever the device: the CPU test of this script
     out: str = ""  # results folder (summary.json only); "" = $OUT if set, else ./gpu-check
     steps: int = 0  # timed steps per throughput run, after 2 warm-up steps; 0 = 6 (smoke: 2)
@@ -332,14 +333,33 @@ def train_runs(ctx: Ctx, res: dict, runs: list):
         say("throughput", "projected GPU-hours for 5B tokens", res["gpu_hours_5b"], "h")
 
 
-SECTIONS = {  # name: (function, estimate on one H200 in s, time cap in s); the caps add up to 6 minutes
+def stage_section(name: str):
+    """A stage's own GPU section, `gpu_section_NAME(smoke) -> dict` in bench/NAME.py, loaded by path (a plain
+    `import eval` would find the top-level eval.py) only when the section runs."""
+    import importlib.util
+
+    def run(ctx: Ctx, res: dict):
+        spec = importlib.util.spec_from_file_location(f"bench_{name}", os.path.join(REPO, "bench", f"{name}.py"))
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        for k, v in getattr(mod, f"gpu_section_{name}")(ctx.cfg.smoke).items():
+            res[k] = float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v
+            say(name, k, res[k])
+    return run
+
+
+SECTIONS = {  # name: (function, estimate on one H200 in s, time cap in s); the first six's caps add up to 6 minutes
     "env": (env, 10, 15),
     "data": (data, 15, 30),
     "parity": (parity, 70, 95),
     "attention": (attention, 25, 40),
     "throughput": (lambda ctx, res: train_runs(ctx, res, THROUGHPUT), 70, 80),
     "compiled": (lambda ctx, res: train_runs(ctx, res, COMPILED), 100, 100),
+    "sft": (stage_section("sft"), 60, 120),  # SFT at seq 4096, 729 tokens per image
+    "eval": (stage_section("eval"), 60, 120),  # batched KV-cache generation at the paper's shapes
+    "filter": (stage_section("filter"), 40, 90),  # SigLIP-so400m and MLM-Filter scoring throughput
 }
+CORE = ["env", "data", "parity", "attention", "throughput", "compiled"]  # the default run: at most 6 minutes
 
 
 class Timeout(Exception):
@@ -352,7 +372,7 @@ def _alarm(signum, frame):
 
 def main(argv=None) -> dict:
     cfg = M.parse_config(Config, argv)
-    names = [n for n in cfg.sections.split(",") if n] or list(SECTIONS)
+    names = [n for n in cfg.sections.split(",") if n] or (list(SECTIONS) if cfg.smoke else CORE)
     if unknown := [n for n in names if n not in SECTIONS]:
         raise SystemExit(f"unknown sections {unknown} (known: {', '.join(SECTIONS)})")
     out = cfg.out or os.environ.get("OUT") or os.path.join(REPO, "gpu-check")

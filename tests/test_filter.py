@@ -99,7 +99,7 @@ def test_score_matches_transformers(tmp_path, siglip_dir):
     lines = read_lines(tmp_path / "s")["a.jsonl"]
     tok = transformers.SiglipTokenizer.from_pretrained(siglip_dir)
     ids, cos, prob = hf_scores(siglip_dir, [m["jpg"] for _, m in samples], CAPTIONS, tok)
-    ours = M.SiglipTokenizer(siglip_dir)
+    ours = FL.SiglipTokenizer(siglip_dir)
     assert [ours.encode(c) for c in CAPTIONS] == ids.tolist()  # the processor's ids exactly, pads included
     assert [x["key"] for x in lines] == [k for k, _ in samples] and all(x["error"] is None for x in lines)
     assert np.abs(np.array([x["score"] for x in lines]) - cos.numpy()).max() < 1e-5
