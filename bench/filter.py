@@ -10,6 +10,7 @@ the same shards in one CPU run; then the projected GPU-hours to score DataComp-m
 
 gpu_section_filter(smoke) is the GPU check's filter section (bench/gpu.py calls it): so400m scoring end to end.
 """
+import dataclasses
 import glob
 import io
 import json
@@ -179,13 +180,15 @@ def gpu_section_filter(smoke: bool, vision: M.VisionConfig | None = None, text_l
     pool = os.path.join(world, "pool")
     shards = sorted(os.path.join(pool, f) for f in os.listdir(pool))[: 1 if smoke else 2]
     tok = os.path.join(world, "tokenizer.json")
+    if smoke and vision is None:  # a CPU test of the section: the tiny tower, two text blocks
+        vision, text_layers = dataclasses.replace(M.preset("tiny").vision, use_head=True), 2
     v = vision or M.VisionConfig()  # so400m/14@384, and a text tower of its shape
     vocab = FL.SiglipTokenizer(tok, 64, "<|endoftext|>").tok.get_vocab_size()
     t = M.TextConfig(vocab, v.hidden_size, v.intermediate_size, text_layers, v.num_heads, 64, v.hidden_size)
     tmp, dev, dtype = tempfile.mkdtemp(), torch.device("cuda" if cuda else "cpu"), torch.bfloat16 if cuda else None
     try:
         random_siglip(os.path.join(tmp, "m"), tok, v, t)
-        net, B, steps = W.load_siglip(os.path.join(tmp, "m"), dtype=dtype).to(dev).eval(), 256, 3 if smoke else 6
+        net, B, steps = W.load_siglip(os.path.join(tmp, "m"), dtype=dtype).to(dev).eval(), 32 if smoke else 256, 3 if smoke else 6
         px = torch.randn(B, 3, v.image_size, v.image_size, device=dev, dtype=dtype)
         ids = torch.zeros(B, 64, dtype=torch.long, device=dev)
         with torch.no_grad():
