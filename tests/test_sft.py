@@ -8,8 +8,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
 
 import numpy as np
@@ -20,6 +18,7 @@ from PIL import Image
 import model as M
 import pack
 import sft
+import test_train
 import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -293,21 +292,10 @@ def flags(toy_world, init, out, *extra):
 
 
 def run(args, torchrun=0):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}"]
-           if torchrun else [sys.executable]) + [os.path.join(REPO, "sft.py"), *args]
-    return subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return test_train.run(args, torchrun, script="sft.py")
 
 
-def finish(p):
-    out, _ = p.communicate(timeout=900)
-    assert p.returncode == 0, out
-    return out
-
-
-def losses(out):
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        return [json.loads(line)["loss"] for line in f]
+finish, losses = test_train.finish, test_train.losses
 
 
 def test_two_ranks_equal_one_process_and_final_config(toy_world, init, tmp_path):

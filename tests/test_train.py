@@ -29,15 +29,15 @@ def flags(packed, out, *extra):
             "--micro-batch", "2", "--precision", "fp32", "--workers", "1", "--log-every", "100", *extra]
 
 
-def run(args, torchrun=0, **kw):
+def run(args, torchrun=0, script="train.py", **kw):  # tests/test_sft.py runs sft.py with it too
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}"]
-           if torchrun else [sys.executable]) + [os.path.join(REPO, "train.py"), *args]
+           if torchrun else [sys.executable]) + [os.path.join(REPO, script), *args]
     return subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
 
 
 def finish(p):
-    out, _ = p.communicate(timeout=600)
+    out, _ = p.communicate(timeout=900)
     assert p.returncode == 0, out
     return out
 
