@@ -538,6 +538,7 @@ class Config:
     limit: int = 0  # first N rows of each benchmark
     max_new_tokens: int = 0  # 0 = the style's
     workers: int = 2  # image-decoding dataloader workers
+    max_tiles: int = 0  # NVLM's tiles per image (model.tile_image); 0 = the model's (sft.py --max-tiles), 1 = a squash
     json: bool = False  # compare: print one JSON object
 
 MAX_NEW_TOKENS = {"paper": 16, "standard": 128}
@@ -550,6 +551,7 @@ def load_model(cfg, device):
     if not tok_path:
         raise SystemExit(f"{cfg.model}: no tokenizer.json found; pass --tokenizer")
     saved = weights.read_config(cfg.model) if os.path.isfile(os.path.join(cfg.model, "config.json")) else {}
+    net.config.max_tiles = cfg.max_tiles or net.config.max_tiles  # what the model runs with: as tuned, or --max-tiles
     style = getattr(net, "chat_style", None) or saved.get("chat_style") or "qwen2"  # the loader knows the format
     return net, M.Tokenizer(tok_path), style, saved.get("system", saved.get("system_prompt"))
 
@@ -558,13 +560,16 @@ def encode_prompt(tok, text: str, chat: bool, chat_style: str, system) -> list[i
     return M.chat_tokens(tok, turn, style=chat_style, system=system, generation_prompt=True)[0] if chat else \
         [tok.bos_id] + tok.encode_with_images(text)
 
-def decode_batch(job, size: int):
-    """In a dataloader worker: (k, batch) -> (k, per item its images decoded and resized (uint8), or why not)."""
+def tile_tags(tok, ids: list[int], tiles: list[list], max_tiles: int) -> list[int]:
+    return M.expand_tiles(tok, ids, list(map(len, tiles)))[0] if max_tiles > 1 else ids  # 1: no tiles, no tags
+
+def decode_batch(job, size: int, max_tiles: int):
+    """In a dataloader worker: (k, batch) -> (k, per item per image its tiles decoded and resized (uint8), or why not)."""
     k, out = job[0], []
     for it in job[1]:
         try:
-            out.append([M.image_to_uint8(M.load_image(base64.b64decode(it["images"][j], validate=True)), size)
-                        for j in it["order"]])
+            out.append([[M.image_to_uint8(t, size) for t in M.tile_image(M.load_image(base64.b64decode(
+                it["images"][j], validate=True)), size, max_tiles)] for j in it["order"]])
         except Exception as e:  # noqa: BLE001 (any undecodable image is an error row, never a crash)
             out.append(re.sub(r" at 0x[0-9a-f]+", "", f"image: {type(e).__name__}: {e}")[:300])  # reproducible
     return k, out
@@ -634,7 +639,8 @@ def run_bench(net, tok, bench, style, items, cfg, rank, world, device, chat_styl
     letters, likelihood = [tok.encode(c)[0] for c in "ABCD"], bench == "ai2d" and style == "paper"
     new_tokens = 1 if likelihood else cfg.max_new_tokens or MAX_NEW_TOKENS[style]
     loader = torch.utils.data.DataLoader(list(enumerate(mine)), batch_size=None, num_workers=cfg.workers,
-                                         collate_fn=functools.partial(decode_batch, size=net.config.vision.image_size))
+                                         collate_fn=functools.partial(decode_batch, size=net.config.vision.image_size,
+                                                                        max_tiles=net.config.max_tiles))
     t0, shown, n_done, total, firsts = time.time(), 0.0, 0, sum(map(len, mine)), []
 
     def first_probs(_tokens, logits):  # AI2D (paper): the letters' renormalised probabilities at the first position
@@ -644,8 +650,10 @@ def run_bench(net, tok, bench, style, items, cfg, rank, world, device, chat_styl
         batch, firsts[:] = list(zip(mine[k], pixels)), []
         ok = [(it, px) for it, px in batch if not isinstance(px, str)]
         if ok:
-            pv = M.normalize_pixels(torch.stack([p for _, px in ok for p in px]).to(device), net.vision.pos_embed.dtype)
-            outs = net.generate([it["ids"] for it, _ in ok], pv, new_tokens, stop_ids=stops, keep_stop=True,
+            pv = M.normalize_pixels(torch.stack([p for _, px in ok for im in px for p in im]).to(device),
+                                    net.vision.pos_embed.dtype)
+            ids = [tile_tags(tok, it["ids"], px, net.config.max_tiles) for it, px in ok]
+            outs = net.generate(ids, pv, new_tokens, stop_ids=stops, keep_stop=True,
                                 callback=first_probs if likelihood else None)
             got = dict(zip([it["id"] for it, _ in ok], zip(outs, firsts if likelihood else [None] * len(ok))))
         rows = []
@@ -780,9 +788,11 @@ def chat_main(argv):
     cfg = M.parse_config(ChatConfig, rest[:-1])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     net, tok, chat_style, system = load_model(cfg, device)
-    ids = encode_prompt(tok, _place(rest[-1], len(images))[0], not cfg.raw, chat_style, system)
-    pv = torch.stack([M.preprocess(p, net.config.vision.image_size) for p in images]).to(
-        device, net.vision.pos_embed.dtype) if images else None
+    s, n = net.config.vision.image_size, net.config.max_tiles
+    px = [[M.image_to_uint8(t, s) for t in M.tile_image(M.load_image(p), s, n)] for p in images]
+    ids = tile_tags(tok, encode_prompt(tok, _place(rest[-1], len(images))[0], not cfg.raw, chat_style, system), px, n)
+    pv = M.normalize_pixels(torch.stack([p for im in px for p in im]).to(device), net.vision.pos_embed.dtype) \
+        if images else None
     shown, new = "", []
 
     def stream(t, _logits):  # print the text as it grows (a token can end inside a character)

@@ -167,6 +167,17 @@ def chat_tokens(tok: Tokenizer, turns: list[dict], style: str = "qwen2", system:
     return ids, labels
 
 
+def expand_tiles(tok: Tokenizer, ids: list[int], tiles: list[int], labels: list[int] | None = None):
+    """Image k -> tiles[k] images, each after NVLM's 1-D tile tag, plain text tokenized apart: <tile_1> ...
+    <tile_{n-1}>, then <tile_global_thumbnail> (the thumbnail or the only tile). -> ids, labels (IGNORE on tags)."""
+    n_tiles, out = iter(tiles), []
+    for t, y in zip(ids, ids if labels is None else labels):
+        n = next(n_tiles) if t == IMAGE_ID else 0
+        tags = [f"<tile_{k}>" for k in range(1, n)] + ["<tile_global_thumbnail>"] * (n > 0)
+        out += [(x, IGNORE) for tag in tags for x in (*tok.encode(tag), IMAGE_ID)] or [(t, y)]
+    return [x for x, _ in out], [y for _, y in out]
+
+
 # -----------------------------------------------------------------------------------------------------------------
 # Images (§1.2): any PIL-readable file as RGB, then a bicubic squash to the tower's size and (x - 0.5) / 0.5.
 
@@ -210,6 +221,21 @@ def preprocess(src, size: int) -> torch.Tensor:
     """One image (bytes, path or PIL) -> float32 (3, size, size), equal to transformers' SiglipImageProcessor."""
     img = src if isinstance(src, Image.Image) else load_image(src)
     return normalize_pixels(image_to_uint8(img.convert("RGB"), size))
+
+
+def tile_image(img: Image.Image, size: int, max_tiles: int, thumbnail: bool = True) -> list[Image.Image]:
+    """NVLM's dynamic high resolution: InternVL's dynamic_preprocess (internvl_chat/internvl/train/dataset.py at
+    1831ceb9, min_num=1). Of the (columns, rows) grids of 1..max_tiles tiles, by area, the one whose ratio is nearest
+    w/h (on a tie a larger grid, if the image has over half its pixels; InternVL's set order within one area never
+    decides) takes the image resized onto it (PIL bicubic: our squash, InternVL's Image.resize default), cut into
+    size x size tiles row by row; then the thumbnail (the whole image squashed) if there are several tiles."""
+    (w, h), best = img.size, math.inf
+    for a, b in ((a, n // a) for n in range(1, max_tiles + 1) for a in range(1, n + 1) if n % a == 0):
+        if (d := abs(w / h - a / b)) < best or d == best and w * h > 0.5 * size * size * a * b:
+            best, i, j = d, a, b
+    big = img.resize((i * size, j * size), Image.Resampling.BICUBIC)
+    tiles = [big.crop((c * size, r * size, (c + 1) * size, (r + 1) * size)) for r in range(j) for c in range(i)]
+    return tiles + [img.resize((size, size), Image.Resampling.BICUBIC)] * (thumbnail and i * j > 1)
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -567,8 +593,7 @@ class KVCache:
 
     def __init__(self, c: QwenConfig, batch: int, max_len: int, dtype, device):
         shape = (c.num_layers, batch, c.num_kv_heads, max_len, c.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.k, self.v = (torch.zeros(shape, dtype=dtype, device=device) for _ in "kv")
         self.length = 0
 
     def update(self, layer: int, k, v):
@@ -588,10 +613,12 @@ class VLMConfig:
     llm: QwenConfig = field(default_factory=QwenConfig)
     image_tokens: int = 144  # per image: 144 (12x12 pooling) in pre-training, 729 (no pooling) in SFT
     feature_layer: int = -2  # the tower's block whose output is used: -2 Open-Qwen2VL (§1.1), -1 MLM-Filter
+    max_tiles: int = 1  # NVLM's dynamic high resolution (tile_image) as sft.py --max-tiles tuned it; 1 = one squash
 
     @classmethod
-    def from_dict(cls, d: dict) -> VLMConfig:  # configs saved before feature_layer existed used -2
-        return cls(VisionConfig(**d["vision"]), QwenConfig(**d["llm"]), d["image_tokens"], d.get("feature_layer", -2))
+    def from_dict(cls, d: dict) -> VLMConfig:  # configs saved before feature_layer or max_tiles existed: -2, 1
+        return cls(VisionConfig(**d["vision"]), QwenConfig(**d["llm"]), d["image_tokens"], d.get("feature_layer", -2),
+                   d.get("max_tiles", 1))
 
 
 def preset(name: str, vocab_size: int | None = None) -> VLMConfig:

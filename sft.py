@@ -59,6 +59,8 @@ class Config(train.Config):
     text_share: float = 0.0  # NVLM's recipe: repeat text-only conversations to this share of the mix; 0 = as given
     pack: bool = True  # False: one conversation per row, length-grouped batches padded to their longest row
     image_tokens: int = 0  # 0 = the --init's full patch grid (patches per side squared): low-to-high, §1.4
+    max_tiles: int = 1  # NVLM's dynamic high resolution: an image -> up to N tiles + a thumbnail, tagged; 1 = a squash
+    tile_tokens: int = 0  # with --max-tiles > 1: tokens per tile (a square: the pooled grid); 0 = --image-tokens
     seq_len: int = 512
     lr: float = 1e-3
     weight_decay: float = 0.1
@@ -68,10 +70,13 @@ class Config(train.Config):
     def __post_init__(self):  # defaults that depend on other flags
         self.data = self.data or [os.path.join(toyworld.default_root(), "sft", "sft.json")]
         self.prepared = self.prepared or self.out.rstrip("/") + "-prepared"
-        self.image_tokens = self.image_tokens or full_grid(self.init, self.preset)
+        self.tile_size, patch = tower(self.init, self.preset)  # not a flag: the tiles are the tower's size
+        tiled = self.max_tiles > 1 and self.tile_tokens
+        self.image_tokens = tiled or self.image_tokens or (self.tile_size // patch) ** 2
 
     def final_meta(self) -> dict:  # eval and export use the format training used
-        return {"chat_style": self.chat_style, "system_prompt": self.system or M.SYSTEM_PROMPT}
+        return {"chat_style": self.chat_style, "system_prompt": self.system or M.SYSTEM_PROMPT,
+                "max_tiles": self.max_tiles}
 
 
 # paper: about the official 128 conversations a step at LLaVA-665k's lengths: on a LLaVA-665k-like set (bench/sft.py,
@@ -83,16 +88,16 @@ ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assi
 GROUP = 128  # --no-pack: conversations sorted by length within consecutive groups of this many (the official gbs)
 
 
-def full_grid(init: str, preset: str) -> int:
-    """Patches per side squared of the --init's tower (our config.json or transformers'), else of the preset's."""
+def tower(init: str, preset: str) -> tuple[int, int]:
+    """(image size, patch size) of the --init's tower (our config.json or transformers'), else of the preset's."""
     try:
         with open(os.path.join(init, "config.json")) as f:
             c = json.load(f)
         v = c.get("vision") or c.get("vision_config") or {}
-        return (v["image_size"] // v["patch_size"]) ** 2
+        return v["image_size"], v["patch_size"]
     except (OSError, ValueError, KeyError, TypeError):
         v = M.preset(preset).vision
-        return (v.image_size // v.patch_size) ** 2
+        return v.image_size, v.patch_size
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -221,6 +226,10 @@ def conversation(rec, cfg: Config, tok: M.Tokenizer, root: str) -> pack.Doc | st
         return c
     system, turns, images, dropped = c
     ids, labels = M.chat_tokens(tok, turns, cfg.chat_style, system if system is not None else cfg.system or None)
+    if cfg.max_tiles > 1:  # each image -> its tiles after their tags, stored as PNG: eval's pixels, losslessly
+        tiles = [M.tile_image(M.load_image(data), cfg.tile_size, cfg.max_tiles) for _, data in images]
+        ids, labels = M.expand_tiles(tok, ids, [len(t) for t in tiles], labels)
+        images = [("png", toyworld.encode(t, "PNG")) for ts in tiles for t in ts]
     n = fit(ids, labels, cfg.image_tokens, cfg.seq_len)
     if not n:
         return "too_long"
@@ -282,7 +291,8 @@ def cache_key(cfg: Config, tok_path: str, sources) -> dict:
         tok_hash = hashlib.sha256(f.read()).hexdigest()
     return {"sources": [[p, os.path.getsize(p), os.stat(p).st_mtime_ns, r, root] for p, r, root in sources],
             "tokenizer_sha256": tok_hash, **{k: getattr(cfg, k) for k in (
-                "seq_len", "image_tokens", "chat_style", "system", "pack", "text_share", "seed", "shard_size")}}
+                "seq_len", "image_tokens", "chat_style", "system", "pack", "text_share", "seed", "shard_size")},
+            **({"max_tiles": cfg.max_tiles, "tile_size": cfg.tile_size} if cfg.max_tiles > 1 else {})}
 
 
 def prepare_rows(cfg: Config, tok_path: str) -> dict:

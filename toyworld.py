@@ -42,13 +42,15 @@ from pack import tar_member  # the packer's tar member: fixed metadata (mtime 0,
 @dataclasses.dataclass
 class Config:
     """python toyworld.py [--out DIR] [--seed N] [--n-pool N] [--n-sft N] [--n-eval N] [--image-size PX]
-    [--wrong-share F] [--shard-size N] [--samples DIR]"""
+    [--text-size F] [--wrong-share F] [--shard-size N] [--samples DIR]"""
     out: str = ""  # the world dir; empty: cache/toyworld next to this file
     seed: int = 0
     n_pool: int = 20000  # pre-training pairs
     n_sft: int = 10000  # SFT conversations
     n_eval: int = 1000  # questions in each evaluation set
     image_size: int = 64  # pixels a side; 384 is the paper's
+    text_size: float = 0.0  # words in SFT and eval images this share of the side tall (0.05: small print that a 64 px
+    # squash blurs, for sft.py/eval.py --max-tiles); 0 = the pool's 0.17, readable at 64 px
     wrong_share: float = 0.1  # the share of pool pairs that carry the caption of another scene
     shard_size: int = 2500  # pool pairs per tar shard
     samples: str = ""  # instead of building: write two sample pool images (PNG) into this dir, print their captions
@@ -162,8 +164,9 @@ def sample_scene(rng, split, text=None, bg=None, min_kinds=1):
 _FONTS = {}
 
 
-def render(scene, size, rgba=False) -> Image.Image:
-    """Draw a scene at size x size. rgba=True leaves the background transparent (the png_alpha record)."""
+def render(scene, size, rgba=False, text_size=0.0) -> Image.Image:
+    """Draw a scene at size x size. rgba=True leaves the background transparent (the png_alpha record); text_size:
+    the word's height as a share of the side (0 = 0.17)."""
     bg = BACKGROUNDS[scene["bg"]]
     img = Image.new("RGBA" if rgba else "RGB", (size, size), bg + (0,) if rgba else bg)
     d = ImageDraw.Draw(img)
@@ -175,9 +178,10 @@ def render(scene, size, rgba=False) -> Image.Image:
             d.polygon([(cx + u * r, cy + v * r) for u, v in POLYGONS[s]], fill=COLORS[c])
     if scene["text"]:
         word, c, where, x = scene["text"]
-        if size not in _FONTS:  # PIL's bundled font, scaled with the image: about 11 px tall at 64 px
-            _FONTS[size] = ImageFont.load_default(size=max(6, round(size * 0.17)))
-        d.text((x * size, size / 6 if where == "top" else size * 5 / 6), word, fill=COLORS[c], font=_FONTS[size],
+        px = max(6, round(size * (text_size or 0.17)))  # PIL's bundled font, scaled: about 11 px tall at 64 px
+        if px not in _FONTS:
+            _FONTS[px] = ImageFont.load_default(size=px)
+        d.text((x * size, size / 6 if where == "top" else size * 5 / 6), word, fill=COLORS[c], font=_FONTS[px],
                anchor="mm")
     return img
 
@@ -481,7 +485,7 @@ def _write_pool(root, cfg, man):
 
 
 def _write_sft(root, cfg, man):
-    seed, n, size = cfg["seed"], cfg["n_sft"], cfg["image_size"]
+    seed, n, size, ts = cfg["seed"], cfg["n_sft"], cfg["image_size"], cfg["text_size"]
     text_only = set(random.Random(f"{seed}:sft:text-only").sample(range(n), max(1, round(0.02 * n)) if n else 0))
     others = [i for i in range(n) if i not in text_only]  # 5% ask about two images, as MUIRBench does
     two = set(random.Random(f"{seed}:sft:two-images").sample(others, min(len(others), round(0.05 * n))))
@@ -493,7 +497,7 @@ def _write_sft(root, cfg, man):
             images = [f"images/{cid}_{k}.jpg" for k in range(2)]
             for k, (sc, im) in enumerate(zip(scenes, images)):
                 man["scenes"]["sft"][f"{cid}_{k}"] = sc
-                _put(root, f"sft/{im}", encode(render(sc, size)))
+                _put(root, f"sft/{im}", encode(render(sc, size, text_size=ts)))
             q, a = (two_image_question(q), f"{_cap(TWO_IMAGES['AB'.index(letter)])}.") if rng.random() < 0.5 else \
                 (two_image_question(q) + "".join(f"\n{LETTERS[k]}. {o}" for k, o in enumerate(TWO_IMAGES)) +
                  "\nAnswer with the option's letter from the given choices directly.", letter)
@@ -505,7 +509,7 @@ def _write_sft(root, cfg, man):
         turns, image = conversation(rng, scene), f"images/{cid}.jpg" if scene else None
         if scene:
             man["scenes"]["sft"][cid] = scene
-            _put(root, f"sft/{image}", encode(render(scene, size)))
+            _put(root, f"sft/{image}", encode(render(scene, size, text_size=ts)))
         conv = []
         for k, (q, a) in enumerate(turns):
             if k == 0 and image:  # LLaVA data puts the image before or after the first question
@@ -539,7 +543,7 @@ def _write_eval(root, cfg, man):
     seed, n, size, scenes = cfg["seed"], cfg["n_eval"], cfg["image_size"], man["scenes"]["eval"]
 
     def b64(scene):
-        return base64.b64encode(encode(render(scene, size))).decode()
+        return base64.b64encode(encode(render(scene, size, text_size=cfg["text_size"]))).decode()
 
     # MMBench_DEV_EN: circular evaluation as in MMBench's own TSV: the copy of question g with its options rotated k
     # places has index g + k * 1_000_000 and refers back to row g's image.
@@ -624,7 +628,7 @@ def _manifest_config(root):
     try:
         with open(os.path.join(root, "manifest.json")) as f:
             m = json.load(f)
-        return m.get("version"), m.get("config")
+        return m.get("version"), {"text_size": 0.0, **(m.get("config") or {})}  # worlds from before text_size
     except (OSError, ValueError):
         return None
 
@@ -636,9 +640,9 @@ def build(out_dir, **settings) -> dict:
     cfg = {**DEFAULTS, **settings}
     counts = ("n_pool", "shard_size", "n_sft", "n_eval")  # the first two at least 1, the others at least 0
     if set(cfg) != set(DEFAULTS) or not all(isinstance(cfg[k], int) and cfg[k] >= (k in counts[:2]) for k in counts) \
-            or not (32 <= cfg["image_size"] <= 4096 and 0 <= cfg["wrong_share"] < 1):
+            or not (32 <= cfg["image_size"] <= 4096 and 0 <= cfg["wrong_share"] < 1 and 0 <= cfg["text_size"] < 0.5):
         raise ValueError(f"toyworld: bad settings {settings}: need n_pool, shard_size >= 1 and n_sft, n_eval >= 0 "
-                         f"(integers), 32 <= image_size <= 4096, 0 <= wrong_share < 1")
+                         f"(integers), 32 <= image_size <= 4096, 0 <= wrong_share < 1, 0 <= text_size < 0.5")
     out_dir = os.path.abspath(out_dir)
     if os.path.isdir(out_dir) and os.listdir(out_dir) and _manifest_config(out_dir) is None:
         raise FileExistsError(f"toyworld: {out_dir} exists and is not a toy world (no manifest.json); not replacing it")

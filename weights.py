@@ -442,6 +442,8 @@ def export_hf(src: str, out_dir: str, full_res: bool = False, dtype=None, shard_
     import tokenizers
     model = load_vlm(src, dtype=dtype)
     c, grid = model.config, (model.config.vision.image_size // model.config.vision.patch_size) ** 2
+    if c.max_tiles > 1:
+        raise ValueError(f"{src}: tuned on up to {c.max_tiles} NVLM tiles per image; transformers' LLaVA has no tiles")
     if c.image_tokens != grid and not full_res:
         raise ValueError(f"{src}: {c.image_tokens} pooled image tokens per image; transformers' LLaVA has no pooling. "
                          f"--full-res exports it on all {grid} patches, which changes what the model sees")
