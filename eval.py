@@ -360,8 +360,7 @@ def load_bench(name: str, path: str) -> list[dict]:
     rows = read_tsv(path)
     if name == "mmmu":
         rows = [r for r in rows if r.get("split") in (None, "validation")]  # MMMU_DEV_VAL: report validation
-    image_of = {r.get("index"): r.get("image") for r in rows}
-    items = []
+    image_of, items = {r.get("index"): r.get("image") for r in rows}, []
     for k, r in enumerate(rows):
         it = {"id": r.get("index") or f"row{k}", "category": r.get("category"), "error": r.get("_error"),
               "images": [], "question": r.get("question") or ""}
@@ -560,16 +559,19 @@ def encode_prompt(tok, text: str, chat: bool, chat_style: str, system) -> list[i
     return M.chat_tokens(tok, turn, style=chat_style, system=system, generation_prompt=True)[0] if chat else \
         [tok.bos_id] + tok.encode_with_images(text)
 
-def tile_tags(tok, ids: list[int], tiles: list[list], max_tiles: int) -> list[int]:
-    return M.expand_tiles(tok, ids, list(map(len, tiles)))[0] if max_tiles > 1 else ids  # 1: no tiles, no tags
+def tiled(tok, ids: list[int], images: list, c: M.VLMConfig) -> tuple[list[int], list]:
+    """A prompt and its images (PIL) -> the prompt with NVLM's tile tags (if tiling) and every tile resized (uint8)."""
+    tiles = [M.tile_image(im, c.vision.image_size, c.max_tiles) for im in images]
+    ids = M.expand_tiles(tok, ids, [len(t) for t in tiles])[0] if c.max_tiles > 1 else ids  # 1: no tiles, no tags
+    return ids, [M.image_to_uint8(t, c.vision.image_size) for ts in tiles for t in ts]
 
-def decode_batch(job, size: int, max_tiles: int):
-    """In a dataloader worker: (k, batch) -> (k, per item per image its tiles decoded and resized (uint8), or why not)."""
+def decode_batch(job, tok, c: M.VLMConfig):
+    """In a dataloader worker: (k, batch) -> (k, per item its ids and images' tiles decoded and resized, or why not)."""
     k, out = job[0], []
     for it in job[1]:
         try:
-            out.append([[M.image_to_uint8(t, size) for t in M.tile_image(M.load_image(base64.b64decode(
-                it["images"][j], validate=True)), size, max_tiles)] for j in it["order"]])
+            out.append(tiled(tok, it["ids"], [M.load_image(base64.b64decode(it["images"][j], validate=True))
+                                              for j in it["order"]], c))
         except Exception as e:  # noqa: BLE001 (any undecodable image is an error row, never a crash)
             out.append(re.sub(r" at 0x[0-9a-f]+", "", f"image: {type(e).__name__}: {e}")[:300])  # reproducible
     return k, out
@@ -585,12 +587,6 @@ def read_jsonl(path: str) -> list[dict]:
                 break
     return rows
 
-def write_text(path: str, text: str):
-    tmp = os.path.join(os.path.dirname(path), "." + os.path.basename(path) + ".tmp")  # atomic: temp, then rename
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
 def merge_samples(d: str, items: list[dict]) -> list[dict]:
     """samples.jsonl and the ranks' part files -> samples.jsonl in benchmark order; the part files go."""
     parts, got = sorted(f for f in os.listdir(d) if f.startswith("samples.rank")), {}
@@ -599,7 +595,7 @@ def merge_samples(d: str, items: list[dict]) -> list[dict]:
             got.setdefault(r["id"], r)
     order = {it["id"]: k for k, it in enumerate(items)}
     rows = sorted(got.values(), key=lambda r: order.get(r["id"], len(order)))
-    write_text(os.path.join(d, "samples.jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
+    M.write_json(os.path.join(d, "samples.jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
     for f in parts:
         os.remove(os.path.join(d, f))
     return rows
@@ -639,8 +635,7 @@ def run_bench(net, tok, bench, style, items, cfg, rank, world, device, chat_styl
     letters, likelihood = [tok.encode(c)[0] for c in "ABCD"], bench == "ai2d" and style == "paper"
     new_tokens = 1 if likelihood else cfg.max_new_tokens or MAX_NEW_TOKENS[style]
     loader = torch.utils.data.DataLoader(list(enumerate(mine)), batch_size=None, num_workers=cfg.workers,
-                                         collate_fn=functools.partial(decode_batch, size=net.config.vision.image_size,
-                                                                        max_tiles=net.config.max_tiles))
+                                         collate_fn=functools.partial(decode_batch, tok=tok, c=net.config))
     t0, shown, n_done, total, firsts = time.time(), 0.0, 0, sum(map(len, mine)), []
 
     def first_probs(_tokens, logits):  # AI2D (paper): the letters' renormalised probabilities at the first position
@@ -648,14 +643,12 @@ def run_bench(net, tok, bench, style, items, cfg, rank, world, device, chat_styl
         firsts.extend((p / p.sum(-1, keepdim=True)).tolist())
     for k, pixels in loader:
         batch, firsts[:] = list(zip(mine[k], pixels)), []
-        ok = [(it, px) for it, px in batch if not isinstance(px, str)]
+        ok = [(it, *px) for it, px in batch if not isinstance(px, str)]  # (item, tiled ids, pixels)
         if ok:
-            pv = M.normalize_pixels(torch.stack([p for _, px in ok for im in px for p in im]).to(device),
-                                    net.vision.pos_embed.dtype)
-            ids = [tile_tags(tok, it["ids"], px, net.config.max_tiles) for it, px in ok]
-            outs = net.generate(ids, pv, new_tokens, stop_ids=stops, keep_stop=True,
+            pv = M.normalize_pixels(torch.stack([p for *_, q in ok for p in q]).to(device), net.vision.pos_embed.dtype)
+            outs = net.generate([ids for _, ids, _ in ok], pv, new_tokens, stop_ids=stops, keep_stop=True,
                                 callback=first_probs if likelihood else None)
-            got = dict(zip([it["id"] for it, _ in ok], zip(outs, firsts if likelihood else [None] * len(ok))))
+            got = dict(zip([it["id"] for it, *_ in ok], zip(outs, firsts if likelihood else [None] * len(ok))))
         rows = []
         for it, px in batch:
             r = dict(it["row"])
@@ -685,7 +678,7 @@ def write_results(out: str, results: list[dict], skipped: list[str]) -> str:
     lines += ["", "`*` the benchmark's primary metric. paper = the Open-Qwen2VL harness's prompts, decoding and "
               "rules; standard = the benchmarks' own (circular MMBench, VLMEvalKit prompts). MathVista standard: "
               "rule-based extraction only, no LLM judge. TextVQA: no OCR-token variant (the TSVs have no OCR tokens)."]
-    write_text(os.path.join(out, "results.md"), text := "\n".join(lines + [f"skipped {s}" for s in skipped]) + "\n")
+    M.write_json(os.path.join(out, "results.md"), text := "\n".join(lines + [f"skipped {s}" for s in skipped]) + "\n")
     return text
 
 def main(argv=None):
@@ -785,14 +778,11 @@ def chat_main(argv):
     rest = [a for k, a in enumerate(argv) if k not in flags and k - 1 not in flags]
     if not rest or rest[-1].startswith("--"):
         raise SystemExit('usage: python eval.py chat --model SRC --image a.jpg [--image b.jpg] "prompt"')
-    cfg = M.parse_config(ChatConfig, rest[:-1])
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cfg, device = M.parse_config(ChatConfig, rest[:-1]), torch.device("cuda" if torch.cuda.is_available() else "cpu")
     net, tok, chat_style, system = load_model(cfg, device)
-    s, n = net.config.vision.image_size, net.config.max_tiles
-    px = [[M.image_to_uint8(t, s) for t in M.tile_image(M.load_image(p), s, n)] for p in images]
-    ids = tile_tags(tok, encode_prompt(tok, _place(rest[-1], len(images))[0], not cfg.raw, chat_style, system), px, n)
-    pv = M.normalize_pixels(torch.stack([p for im in px for p in im]).to(device), net.vision.pos_embed.dtype) \
-        if images else None
+    ids, px = tiled(tok, encode_prompt(tok, _place(rest[-1], len(images))[0], not cfg.raw, chat_style, system),
+                    [M.load_image(p) for p in images], net.config)
+    pv = M.normalize_pixels(torch.stack(px).to(device), net.vision.pos_embed.dtype) if images else None
     shown, new = "", []
 
     def stream(t, _logits):  # print the text as it grows (a token can end inside a character)

@@ -172,8 +172,7 @@ def expand_tiles(tok: Tokenizer, ids: list[int], tiles: list[int], labels: list[
     <tile_{n-1}>, then <tile_global_thumbnail> (the thumbnail or the only tile). -> ids, labels (IGNORE on tags)."""
     n_tiles, out = iter(tiles), []
     for t, y in zip(ids, ids if labels is None else labels):
-        n = next(n_tiles) if t == IMAGE_ID else 0
-        tags = [f"<tile_{k}>" for k in range(1, n)] + ["<tile_global_thumbnail>"] * (n > 0)
+        tags = [f"<tile_{k}>" for k in range(1, next(n_tiles))] + ["<tile_global_thumbnail>"] if t == IMAGE_ID else []
         out += [(x, IGNORE) for tag in tags for x in (*tok.encode(tag), IMAGE_ID)] or [(t, y)]
     return [x for x, _ in out], [y for _, y in out]
 
@@ -224,11 +223,10 @@ def preprocess(src, size: int) -> torch.Tensor:
 
 
 def tile_image(img: Image.Image, size: int, max_tiles: int, thumbnail: bool = True) -> list[Image.Image]:
-    """NVLM's dynamic high resolution: InternVL's dynamic_preprocess (internvl_chat/internvl/train/dataset.py at
-    1831ceb9, min_num=1). Of the (columns, rows) grids of 1..max_tiles tiles, by area, the one whose ratio is nearest
-    w/h (on a tie a larger grid, if the image has over half its pixels; InternVL's set order within one area never
-    decides) takes the image resized onto it (PIL bicubic: our squash, InternVL's Image.resize default), cut into
-    size x size tiles row by row; then the thumbnail (the whole image squashed) if there are several tiles."""
+    """NVLM's dynamic high resolution, InternVL's dynamic_preprocess (internvl_chat/internvl/train/dataset.py at
+    1831ceb9): of the (columns, rows) grids of 1..max_tiles tiles by area, the nearest in ratio to w/h (a tie goes to
+    a later grid if w*h > size^2*area/2) takes the image resized onto it (PIL bicubic, as our squash and InternVL's
+    Image.resize), cut into size x size tiles row by row; then, if there are several, the thumbnail (a squash)."""
     (w, h), best = img.size, math.inf
     for a, b in ((a, n // a) for n in range(1, max_tiles + 1) for a in range(1, n + 1) if n % a == 0):
         if (d := abs(w / h - a / b)) < best or d == best and w * h > 0.5 * size * size * a * b:
@@ -529,10 +527,9 @@ class QwenBlock(nn.Module):
         super().__init__()
         d, hd = c.hidden_size, c.head_dim
         self.heads = [c.num_heads, c.num_kv_heads, c.num_kv_heads]  # for q, k, v
-        self.attn_norm = RMSNorm(d, c.eps)
+        self.attn_norm, self.mlp_norm = RMSNorm(d, c.eps), RMSNorm(d, c.eps)
         self.qkv = nn.Linear(d, sum(self.heads) * hd, bias=True)  # fused q, k, v (with bias)
         self.o_proj = nn.Linear(c.num_heads * hd, d, bias=False)
-        self.mlp_norm = RMSNorm(d, c.eps)
         self.gate_up = nn.Linear(d, 2 * c.intermediate_size, bias=False)  # fused gate and up projections
         self.down = nn.Linear(c.intermediate_size, d, bias=False)
 
@@ -556,9 +553,6 @@ class Qwen2(nn.Module):
         self.lm_head = None if c.tie_embeddings else nn.Linear(c.hidden_size, c.vocab_size, bias=False)
         self.checkpointing = False  # activation checkpointing per block (train.py --ac)
 
-    def head_weight(self):
-        return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-
     def forward(self, input_ids=None, embeds=None, positions=None, attn: Attention | None = None, targets=None,
                 cache: KVCache | None = None, last_only: bool = False):
         """input_ids or embeds (B, T) -> logits (B, T, V); with `targets` (B, T, already shifted, IGNORE where
@@ -578,11 +572,11 @@ class Qwen2(nn.Module):
                 x = layer(x, cos, sin, attn, cache, i)
         if cache is not None:
             cache.length += T
-        x = self.norm(x)
+        x, head = self.norm(x), self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         if targets is None:
-            return F.linear(x[:, -1:] if last_only else x, self.head_weight())  # last_only: generation's prefill
+            return F.linear(x[:, -1:] if last_only else x, head)  # last_only: generation's prefill
         keep = targets != IGNORE
-        logits = F.linear(x[keep], self.head_weight()).float()
+        logits = F.linear(x[keep], head).float()
         return F.cross_entropy(logits, targets[keep], reduction="sum")
 
     from_pretrained = classmethod(lambda cls, src, **kw: _weights().load_qwen(src, **kw))
@@ -614,11 +608,6 @@ class VLMConfig:
     image_tokens: int = 144  # per image: 144 (12x12 pooling) in pre-training, 729 (no pooling) in SFT
     feature_layer: int = -2  # the tower's block whose output is used: -2 Open-Qwen2VL (§1.1), -1 MLM-Filter
     max_tiles: int = 1  # NVLM's dynamic high resolution (tile_image) as sft.py --max-tiles tuned it; 1 = one squash
-
-    @classmethod
-    def from_dict(cls, d: dict) -> VLMConfig:  # configs saved before feature_layer or max_tiles existed: -2, 1
-        return cls(VisionConfig(**d["vision"]), QwenConfig(**d["llm"]), d["image_tokens"], d.get("feature_layer", -2),
-                   d.get("max_tiles", 1))
 
 
 def preset(name: str, vocab_size: int | None = None) -> VLMConfig:
@@ -668,8 +657,7 @@ def collate_rows(rows: list[dict], image_tokens: int, seq_len: int, pad_id: int)
 class VLM(nn.Module):
     def __init__(self, c: VLMConfig):
         super().__init__()
-        self.config = c
-        self.vision = SiglipVision(c.vision)
+        self.config, self.vision = c, SiglipVision(c.vision)
         self.projector = Projector(c.vision.hidden_size, c.llm.hidden_size, c.vision.image_size // c.vision.patch_size,
                                    c.image_tokens)
         self.llm = Qwen2(c.llm)
@@ -702,10 +690,8 @@ class VLM(nn.Module):
         """doc_mask=True: each packed document attends only to itself, positions restart per document (our default).
         doc_mask=False: plain causal attention and positions over the whole row, as the paper trained."""
         x = self.embed(input_ids, pixel_values)
-        if doc_mask and doc_lens is not None:
-            positions, attn = position_ids_from_lens(doc_lens, x.device), make_attention(doc_lens, x.device, backend)
-        else:
-            positions, attn = None, Attention("causal")
+        positions, attn = (position_ids_from_lens(doc_lens, x.device), make_attention(doc_lens, x.device, backend)) \
+            if doc_mask and doc_lens is not None else (None, Attention("causal"))
         return self.llm(embeds=x, positions=positions, attn=attn, targets=targets)
 
     @torch.no_grad()
@@ -739,8 +725,7 @@ class VLM(nn.Module):
         positions = (keys[:, :L].cumsum(1) - 1).clamp(min=0)
         logits = self.llm(embeds=self.embed(ids, pixel_values), positions=positions, attn=attention(L), cache=cache,
                           last_only=True)
-        logits, pos = logits[:, -1], positions[:, -1:]
-        gen = torch.Generator(dev).manual_seed(seed)
+        logits, pos, gen = logits[:, -1], positions[:, -1:], torch.Generator(dev).manual_seed(seed)
         out, done = [[] for _ in range(B)], [False] * B
         for step in range(max_new_tokens):
             if temperature <= 0:
@@ -758,8 +743,7 @@ class VLM(nn.Module):
                     out[b] += [] if done[b] and not keep_stop else [t]
             if all(done) or step == max_new_tokens - 1:
                 break
-            keys[:, cache.length] = True
-            pos = pos + 1
+            keys[:, cache.length], pos = True, pos + 1
             logits = self.llm(input_ids=tok[:, None], positions=pos, attn=attention(1), cache=cache)[:, -1]
         return out
 
@@ -795,7 +779,8 @@ def load_vlm(d: str, dtype=None, image_tokens: int | None = None) -> VLM:
     if (c := w.read_config(d)).get("model_type") != "open-qwen2vl":
         raise ValueError(f"{d}: config.json is not an open-qwen2vl VLM (model_type={c.get('model_type')!r})")
     with torch.device("meta"):
-        model = VLM(dataclasses.replace(VLMConfig.from_dict(c), image_tokens=image_tokens or c["image_tokens"]))
+        model = VLM(VLMConfig(VisionConfig(**c["vision"]), QwenConfig(**c["llm"]), image_tokens or c["image_tokens"],
+                              c.get("feature_layer", -2), c.get("max_tiles", 1)))  # saved before those: -2, 1
     return w.load_into(model, w.read_tensors(d), lambda k: (k, 0, 1), dtype)
 
 
@@ -805,8 +790,9 @@ def _weights():  # the foreign checkpoint formats live in weights.py, which impo
 
 
 def write_json(path: str, obj):
-    """Atomic: written under a hidden temp name, then renamed, so a reader sees the old file or the whole new one."""
+    """Atomic: written under a hidden temp name, then renamed, so a reader sees the old file or the whole new one. A
+    str is written as it is (eval.py's JSON Lines and tables)."""
     tmp = os.path.join(os.path.dirname(path), "." + os.path.basename(path) + ".tmp")
     with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
+        f.write(obj if isinstance(obj, str) else json.dumps(obj, indent=1))
     os.replace(tmp, path)

@@ -11,6 +11,8 @@ Preparation turns every conversation into one document of pack.py's row format (
 IGNORE except the assistant replies and their end markers) and packs them into --seq-len rows that train.py trains
 with the document mask, so a packed step computes exactly what the conversations would compute alone. --no-pack
 writes one conversation per row, in length groups, padded to the batch's longest row: the official layout.
+--max-tiles N: NVLM's dynamic high resolution, each image cut into up to N tiles and a thumbnail (model.tile_image),
+stored as PNG tiles, each after its text tag (<tile_1> ... <tile_global_thumbnail>) and --tile-tokens tokens long.
 
 Sources are read in order and cut into shards of --shard-size conversations; each shard is checked, tokenized and
 packed by one worker, written atomically, and skipped by a rerun. The prepared dir is keyed by everything its bytes

@@ -476,9 +476,7 @@ def export_hf(src: str, out_dir: str, full_res: bool = False, dtype=None, shard_
                                        bos_token_id=tid("<s>")),
         "tokenizer.json": hf_tok.to_str(), "chat_template.jinja": template,  # where processors look for it
     }.items():
-        with open(os.path.join(out_dir, f".{name}.tmp"), "w") as f:
-            f.write(obj if isinstance(obj, str) else json.dumps(obj, indent=1))
-        os.replace(os.path.join(out_dir, f".{name}.tmp"), os.path.join(out_dir, name))
+        M.write_json(os.path.join(out_dir, name), obj)  # atomic; a str as it is
     return out_dir
 
 
