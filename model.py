@@ -223,10 +223,9 @@ def preprocess(src, size: int) -> torch.Tensor:
 
 
 def tile_image(img: Image.Image, size: int, max_tiles: int, thumbnail: bool = True) -> list[Image.Image]:
-    """NVLM's dynamic high resolution, InternVL's dynamic_preprocess (internvl_chat/internvl/train/dataset.py at
-    1831ceb9): of the (columns, rows) grids of 1..max_tiles tiles by area, the nearest in ratio to w/h (a tie goes to
-    a later grid if w*h > size^2*area/2) takes the image resized onto it (PIL bicubic, as our squash and InternVL's
-    Image.resize), cut into size x size tiles row by row; then, if there are several, the thumbnail (a squash)."""
+    """NVLM's dynamic resolution = InternVL's dynamic_preprocess (internvl_chat/internvl/train/dataset.py, 1831ceb9):
+    the (columns, rows) grid of 1..max_tiles tiles nearest w/h in ratio (by area; a tie to a later grid if w*h >
+    size^2 * area / 2) gets the image resized (PIL bicubic, as InternVL) and cut row by row; then a thumbnail if >1."""
     (w, h), best = img.size, math.inf
     for a, b in ((a, n // a) for n in range(1, max_tiles + 1) for a in range(1, n + 1) if n % a == 0):
         if (d := abs(w / h - a / b)) < best or d == best and w * h > 0.5 * size * size * a * b:
@@ -527,9 +526,10 @@ class QwenBlock(nn.Module):
         super().__init__()
         d, hd = c.hidden_size, c.head_dim
         self.heads = [c.num_heads, c.num_kv_heads, c.num_kv_heads]  # for q, k, v
-        self.attn_norm, self.mlp_norm = RMSNorm(d, c.eps), RMSNorm(d, c.eps)
+        self.attn_norm = RMSNorm(d, c.eps)
         self.qkv = nn.Linear(d, sum(self.heads) * hd, bias=True)  # fused q, k, v (with bias)
         self.o_proj = nn.Linear(c.num_heads * hd, d, bias=False)
+        self.mlp_norm = RMSNorm(d, c.eps)
         self.gate_up = nn.Linear(d, 2 * c.intermediate_size, bias=False)  # fused gate and up projections
         self.down = nn.Linear(c.intermediate_size, d, bias=False)
 

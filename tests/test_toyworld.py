@@ -21,7 +21,7 @@ import model
 import toyworld
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = dict(seed=0, n_pool=30, n_sft=6, n_eval=8, image_size=64, wrong_share=0.1, shard_size=16)
+TINY = dict(seed=0, n_pool=30, n_sft=6, n_eval=8, image_size=64, text_size=0.0, wrong_share=0.1, shard_size=16)
 
 
 def manifest(root):
