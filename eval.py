@@ -526,15 +526,15 @@ class Config:
     """python eval.py [--model SRC] [--bench a,b] [--style paper,standard] [--data DIR] [--out DIR] [--limit N]"""
     model: str = "runs/sft/final"  # anything weights.load_vlm reads
     vision: str = ""  # for checkpoints without vision weights (released prismatic runs): dir or hub id
-    llm: str = ""
+    llm: str = ""  # for checkpoints without LLM weights: dir or hub id
     tokenizer: str = ""  # default: the model's
     bench: str = ""  # comma-separated (BENCHES); "" = every benchmark whose file exists
-    style: str = "paper,standard"
+    style: str = "paper,standard"  # comma-separated: paper (the paper's harness) | standard (the benchmarks')
     data: str = ""  # dir of VLMEvalKit TSVs; "" = the toy world's eval/
-    out: str = "runs/eval"
+    out: str = "runs/eval"  # results.md, results.json and STYLE/BENCH/samples.jsonl (rerun: resumes)
     chat: bool = False  # the chat template in both styles (default: standard only)
     raw: bool = False  # raw prompts after <s> in both styles
-    batch_size: int = 16
+    batch_size: int = 16  # prompts per generation batch
     limit: int = 0  # first N rows of each benchmark
     max_new_tokens: int = 0  # 0 = the style's
     workers: int = 2  # image-decoding dataloader workers
@@ -767,9 +767,9 @@ def compare_main(argv):
 @dataclass
 class ChatConfig(Config):
     """python eval.py chat --model SRC --image a.jpg [--image b.jpg] "prompt" [--temperature T] [--top-p P]"""
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int = 0
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0  # nucleus sampling mass, with --temperature > 0
+    seed: int = 0  # sampling seed
 
 def chat_main(argv):
     flags = [k for k, a in enumerate(argv) if a == "--image"]  # repeatable: taken out before parse_config

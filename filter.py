@@ -157,7 +157,7 @@ class ScoreConfig:  # score's flags, and mlm's
     input: list[str] = field(default_factory=list)  # shards: files, dirs, globs, {a..b} (pack.py's patterns)
     model: str = ""  # score: SigLIP in HF layout with spiece.model or tokenizer.json; mlm: the judge (load_vlm)
     out: str = ""  # SCORES dir
-    batch_size: int = 64
+    batch_size: int = 64  # samples per forward
     workers: int = 2  # image-decoding processes
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
 
@@ -328,16 +328,16 @@ def save_siglip(out_dir: str, model: M.Siglip, tokenizer: str, pad: tuple[str, i
 class TrainConfig:
     """Train a small SigLIP with the sigmoid loss on image-text shards; save it in HF SigLIP layout."""
     input: list[str] = field(default_factory=list)  # shards; default: the toy world's pool
-    out: str = ""
+    out: str = ""  # the SigLIP dir to write (HF layout)
     tokenizer: str = ""  # a tokenizer.json; default: the toy world's
     pad_token: str = "<|endoftext|>"  # pads the text to 64 tokens, as score will
-    steps: int = 600
-    batch_size: int = 256
-    lr: float = 1e-3
+    steps: int = 600  # optimizer steps
+    batch_size: int = 256  # image-text pairs per step
+    lr: float = 1e-3  # peak learning rate (AdamW)
     width: int = 64  # both towers; patches of image_size / 8
-    layers: int = 2
-    image_size: int = 64
-    seed: int = 0
+    layers: int = 2  # blocks per tower
+    image_size: int = 64  # pixels a side
+    seed: int = 0  # initialization and batch order
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -417,8 +417,8 @@ class SelectConfig:
     uids: list[str] = field(default_factory=list)  # DataComp uid files (.npy, u8,u8)
     top_fraction: float = 0.0  # keep the best round(F * scored lines) of each --scores source; 0 = off
     status: str = ""  # "success": keep only lines whose json status is this
-    union: bool = False
-    intersect: bool = False
+    union: bool = False  # keep what any source keeps (the paper: SU >= 85 or DFN)
+    intersect: bool = False  # keep what every source keeps
     out: str = ""  # KEEP.npy; the summary goes to KEEP.json
 
 
@@ -465,10 +465,10 @@ def select(cfg: SelectConfig) -> dict:
 @dataclass
 class ReshardConfig:
     """Copy the samples whose json uid is in --uids into new shards {:08d}.tar of at most --shard-size samples."""
-    input: list[str] = field(default_factory=list)
-    uids: str = ""
-    out: str = ""
-    shard_size: int = 10000
+    input: list[str] = field(default_factory=list)  # shards: files, dirs, globs, {a..b} (pack.py's patterns)
+    uids: str = ""  # the uids to keep: a DataComp uid file (.npy, u8,u8), e.g. select's output
+    out: str = ""  # dir of the new shards
+    shard_size: int = 10000  # samples per output shard
     workers: int = 0  # processes; 0 = all cores
 
 

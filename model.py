@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import inspect
 import io
 import json
 import math
@@ -16,6 +17,7 @@ import os
 import typing
 import warnings
 from dataclasses import dataclass, field
+from tokenize import COMMENT, generate_tokens
 
 import numpy as np
 import torch
@@ -31,27 +33,31 @@ IGNORE = -100  # target id that never enters the loss
 # Command-line configs: every stage has one dataclass whose fields are its flags.
 
 
-def _bool(s: str) -> bool:
-    if s.lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
-        raise ValueError(s)
-    return s.lower() in ("1", "true", "yes", "on")
+def boolean(s: str) -> bool:  # a bool flag's value; anything else is argparse's "invalid boolean value"
+    return ["0", "false", "no", "off", "1", "true", "yes", "on"].index(s.lower()) > 3
 
 
-def parse_config(cls, argv=None, presets: dict | None = None):
+def parse_config(cls, argv=None, presets: dict | None = None, prog: str | None = None):
     """Build dataclass `cls` from flags: field `seq_len` is `--seq-len N`. A bool is `--flag`, `--flag false` or
-    `--no-flag`. `--preset NAME` applies presets[NAME] under the explicit flags. Unknown flags are an error."""
+    `--no-flag`. `--preset NAME` applies presets[NAME] under the explicit flags. Unknown flags are an error. `--help`
+    gives each flag's default (the default preset's) and the `# comment` ending its field's line in the source."""
     hints = typing.get_type_hints(cls)
-    p = argparse.ArgumentParser(description=cls.__doc__, allow_abbrev=False)
+    notes = {t.line.split(":")[0].strip(): t.string[1:].strip() for c in cls.__mro__[-2::-1]  # field -> its comment
+             for t in generate_tokens(io.StringIO(inspect.getsource(c)).readline) if t.type == COMMENT}  # subclass wins
+    doc = cls.__doc__ if not cls.__doc__.startswith(cls.__name__ + "(") else inspect.getmodule(cls).__doc__
+    p = argparse.ArgumentParser(prog, "%(prog)s [--flag VALUE ...]", doc,  # (a dataclass's default doc: its signature)
+                                formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+    shown = cls(**(presets or {}).get(getattr(cls, "preset", None), {}))  # what a run without flags uses
     for f in dataclasses.fields(cls):
         flag, kind = "--" + f.name.replace("_", "-"), hints[f.name]
-        if kind is bool:
-            p.add_argument(flag, type=_bool, nargs="?", const=True, dest=f.name, help=f"default {f.default}")
-            p.add_argument("--no-" + flag[2:], action="store_const", const=False, dest=f.name)
-        elif typing.get_origin(kind) is list:  # list[str]: `--input a b c`
-            p.add_argument(flag, type=typing.get_args(kind)[0], nargs="+", dest=f.name)
-        else:
-            base = next((t for t in typing.get_args(kind) if t is not type(None)), kind)
-            p.add_argument(flag, type=base, dest=f.name, help=f"default {f.default}")
+        base = next((t for t in typing.get_args(kind) if t is not type(None)), kind)  # list[str], str | None -> str
+        kw = dict(nargs="?", const=True) if kind is bool else dict(nargs="+") if typing.get_origin(kind) is list else {}
+        note = f"{notes.get(f.name, '')} (default: {getattr(shown, f.name)!r})".replace("%", "%%")
+        a = p.add_argument(flag, type=boolean if kind is bool else base, dest=f.name, metavar=base.__name__.upper(),
+                           help=note, **kw)
+        if kind is bool:  # listed once, as `--ac / --no-ac [BOOL]` (option_strings are only shown once added)
+            p.add_argument("--no-" + flag[2:], action="store_const", const=False, dest=f.name, help=argparse.SUPPRESS)
+            a.option_strings = [f"{flag} / --no-{flag[2:]}"]
     given = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
     name = given.get("preset", getattr(cls, "preset", None))
     if presets is not None and name is not None and name not in presets:
@@ -351,10 +357,6 @@ class Siglip(nn.Module):
     def text_embeds(self, input_ids):  # == get_text_features
         return self.text(input_ids)
 
-    def pair_logits(self, image_embeds, text_embeds):  # image i matches text i: sigmoid of it is SigLIP's probability
-        i, t = F.normalize(image_embeds, dim=-1), F.normalize(text_embeds, dim=-1)
-        return (i * t).sum(-1) * self.logit_scale.exp() + self.logit_bias
-
     from_pretrained = classmethod(lambda cls, src, **kw: _weights().load_siglip(src, **kw))
 
 
@@ -478,8 +480,7 @@ def attend(q, k, v, attn: Attention):
 class RMSNorm(nn.Module):
     def __init__(self, d: int, eps: float):
         super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(d))
+        self.eps, self.weight = eps, nn.Parameter(torch.ones(d))
 
     def forward(self, x):  # in fp32, then back, as Qwen2 does
         x32 = x.float()
@@ -567,8 +568,7 @@ class KVCache:
 
     def __init__(self, c: QwenConfig, batch: int, max_len: int, dtype, device):
         shape = (c.num_layers, batch, c.num_kv_heads, max_len, c.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.k, self.v = (torch.zeros(shape, dtype=dtype, device=device) for _ in "kv")
         self.length = 0
 
     def update(self, layer: int, k, v):
@@ -620,8 +620,7 @@ def collate_rows(rows: list[dict], image_tokens: int, seq_len: int, pad_id: int)
     doc_lens = []
     for b, row in enumerate(rows):
         ids = np.asarray(row["input_ids"], dtype=np.int64)
-        labels = np.asarray(row["labels"], dtype=np.int64) if row.get("labels") is not None else ids
-        labels = np.where(ids == IMAGE_ID, IGNORE, labels)
+        labels = np.where(ids == IMAGE_ID, IGNORE, ids if row.get("labels") is None else np.asarray(row["labels"]))
         rep = np.where(ids == IMAGE_ID, image_tokens, 1)
         starts = np.cumsum([0] + list(row["doc_lengths"][:-1]))
         if sum(row["doc_lengths"]) != len(ids):
@@ -631,8 +630,7 @@ def collate_rows(rows: list[dict], image_tokens: int, seq_len: int, pad_id: int)
         if n > seq_len:
             raise ValueError(f"row {b}: {n} tokens after image expansion, over seq_len {seq_len}")
         input_ids[b, :n] = np.repeat(ids, rep)
-        tgt = np.repeat(labels, rep)
-        targets[b, : n - 1] = tgt[1:]
+        targets[b, : n - 1] = np.repeat(labels, rep)[1:]
         targets[b, np.cumsum(lens) - 1] = IGNORE  # no prediction across a document boundary
         doc_lens.append(lens + ([seq_len - n] if n < seq_len else []))
     return {"input_ids": torch.from_numpy(input_ids), "targets": torch.from_numpy(targets), "doc_lens": doc_lens}

@@ -41,15 +41,15 @@ class Config:
     llm: str = ""  # Qwen2 checkpoint dir or hub id; "" = random init
     tokenizer: str = ""  # tokenizer.json; default: the --llm's, the --init's or the toy world's
     image_tokens: int = 16  # per image after pooling: 144 in the paper's pre-training
-    seq_len: int = 512
+    seq_len: int = 512  # tokens per packed row, images expanded (the data must be packed for it)
     global_batch: int = 16  # packed rows per optimizer step, all ranks together
     micro_batch: int = 8  # rows per forward on one rank
     steps: int = 0  # optimizer steps; 0 = one epoch over the packed rows
-    lr: float = 2e-3
-    weight_decay: float = 0.01
+    lr: float = 2e-3  # peak learning rate (AdamW)
+    weight_decay: float = 0.01  # AdamW's, on weight matrices only (not biases, norms)
     warmup: float = 0.03  # share of steps with linear warmup, then cosine to 0
-    clip: float = 1.0
-    train_vision: bool = False
+    clip: float = 1.0  # gradient-norm clipping threshold
+    train_vision: bool = False  # also train the SigLIP tower (frozen in the paper)
     vision_lr: float = 0.0  # with --train-vision: the tower's peak lr; 0 = --lr
     doc_mask: bool = True  # False = the paper's plain causal attention and positions over whole packed rows
     attention: str = "auto"  # auto | flex | docs | mask (how document masking is computed)
@@ -62,7 +62,7 @@ class Config:
     keep: int = 2  # checkpoints kept
     save: bool = True  # False: nothing is written under --out (no config, metrics, checkpoints, final model)
     resume: str = ""  # "auto" = newest complete checkpoint in out/checkpoints, or a checkpoint dir
-    log_every: int = 10
+    log_every: int = 10  # steps between log lines
     peak_tflops: float = 0.0  # spec MFU denominator per device; 0 = the GPU table, else the measured matmul peak
     wandb: str = ""  # wandb project; used only if wandb is installed
     dry_run: bool = False  # print parameters, FLOPs per token and projected GPU-hours, then exit
