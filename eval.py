@@ -544,14 +544,14 @@ MAX_NEW_TOKENS = {"paper": 16, "standard": 128}
 
 def load_model(cfg, device):
     """weights.load_vlm, plus the chat style and system prompt the checkpoint was tuned with (sft.py records them)."""
-    net = weights.load_vlm(cfg.model, vision=cfg.vision or None, llm=cfg.llm or None,
+    src = M.need(cfg.model, "run python sft.py first, or pass --model", "config.json", hub=True)
+    net = weights.load_vlm(src, vision=cfg.vision or None, llm=cfg.llm or None,
                            dtype=torch.bfloat16 if device.type == "cuda" else torch.float32).to(device).eval()
     tok_path = cfg.tokenizer or net.tokenizer_path
     if not tok_path:
         raise SystemExit(f"{cfg.model}: no tokenizer.json found; pass --tokenizer")
     saved = weights.read_config(cfg.model) if os.path.isfile(os.path.join(cfg.model, "config.json")) else {}
-    style = getattr(net, "chat_style", None) or saved.get("chat_style") or "qwen2"  # the loader knows the format
-    return net, M.Tokenizer(tok_path), style, saved.get("system", saved.get("system_prompt"))
+    return net, M.Tokenizer(tok_path), net.chat_style, saved.get("system", saved.get("system_prompt"))  # as tuned
 
 def encode_prompt(tok, text: str, chat: bool, chat_style: str, system) -> list[int]:
     turn = [{"from": "human", "value": text}]
@@ -690,14 +690,14 @@ def main(argv=None):
         raise SystemExit(f"unknown style or benchmark {bad}; styles: paper, standard; benchmarks: {', '.join(BENCHES)}")
     rank, world, device = setup()
     try:
+        net, tok, chat_style, system = load_model(cfg, device)
         if not cfg.data:
             import toyworld
             cfg.data = os.path.join(toyworld.ensure() if rank == 0 else toyworld.default_root(), "eval")
-        paths = {b: os.path.join(cfg.data, BENCHES[b]) for b in names}
+        paths = {b: os.path.join(M.need(cfg.data, "--data is a dir of VLMEvalKit TSVs"), BENCHES[b]) for b in names}
         skipped = [f"{b}: {p} not found" for b, p in paths.items() if not os.path.isfile(p)]
         print0("".join(f"skipped {s}\n" for s in skipped), end="")
         paths = {b: p for b, p in paths.items() if os.path.isfile(p)}
-        net, tok, chat_style, system = load_model(cfg, device)
         benches, md5 = {b: load_bench(b, p)[:cfg.limit or None] for b, p in paths.items()}, {}
         for b, p in paths.items():
             with open(p, "rb") as f:
@@ -750,8 +750,8 @@ def compare(run_a: str, run_b: str, style: str = "paper,standard") -> dict:
 def compare_main(argv):
     if len(argv) < 2 or argv[0].startswith("-") or argv[1].startswith("-"):
         raise SystemExit("usage: python eval.py compare RUN_A RUN_B [--style S] [--json]")
-    cfg = M.parse_config(Config, argv[2:])
-    res = compare(argv[0], argv[1], cfg.style)
+    cfg = M.parse_config(Config, argv[2:], prog="eval.py compare RUN_A RUN_B")
+    res = compare(*(M.need(r, "run python eval.py --out RUN first", "results.json") for r in argv[:2]), cfg.style)
     for s, benches in res.items() if not cfg.json else []:
         for b, t in benches.items():
             note = "  (right = soft score 1.0)" if b == "textvqa" else "  (circular questions)" if (b, s) == (
@@ -775,9 +775,9 @@ def chat_main(argv):
     flags = [k for k, a in enumerate(argv) if a == "--image"]  # repeatable: taken out before parse_config
     images = [argv[k + 1] for k in flags if k + 1 < len(argv)]
     rest = [a for k, a in enumerate(argv) if k not in flags and k - 1 not in flags]
-    if not rest or rest[-1].startswith("--"):
+    cfg = M.parse_config(ChatConfig, rest[:-1] if rest[-1:] and rest[-1][:1] != "-" else rest, "eval.py chat")
+    if not rest or rest[-1].startswith("-"):
         raise SystemExit('usage: python eval.py chat --model SRC --image a.jpg [--image b.jpg] "prompt"')
-    cfg = M.parse_config(ChatConfig, rest[:-1])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     net, tok, chat_style, system = load_model(cfg, device)
     ids = encode_prompt(tok, _place(rest[-1], len(images))[0], not cfg.raw, chat_style, system)

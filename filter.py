@@ -197,7 +197,8 @@ def run_shards(what: str, cfg, settings: dict, image_size: int, fields: tuple, s
 
 def score(cfg: ScoreConfig) -> dict:
     dev, dtype = device_dtype(cfg.precision)
-    d = W.resolve(cfg.model, ("*.json", "*.safetensors", "spiece.model"))
+    d = W.resolve(M.need(cfg.model, "--model is a SigLIP in HF layout (toy: python filter.py train --out DIR)",
+                         "config.json", True), ("*.json", "*.safetensors", "spiece.model"))
     net, tok = W.load_siglip(d, dtype=dtype).to(dev).eval(), SiglipTokenizer(d, 64)  # SiglipProcessor's max_length
 
     @torch.no_grad()
@@ -259,7 +260,7 @@ def mlm(cfg: MLMConfig) -> dict:
         raise SystemExit(f"mlm: --metric is one of {list(MLM_CRITERIA)}")
     import tokenizers
     dev, dtype = device_dtype(cfg.precision)
-    judge = W.load_vlm(cfg.model, dtype=dtype).to(dev).eval()
+    judge = W.load_vlm(M.need(cfg.model, "--model is the judge", "config.json", True), dtype=dtype).to(dev).eval()
     if judge.tokenizer_path is None:
         raise SystemExit(f"mlm: {cfg.model} has no tokenizer")
     tok = tokenizers.Tokenizer.from_file(judge.tokenizer_path)  # control tokens in the prompt parse as tokens
@@ -398,7 +399,7 @@ def uid_pair(uid) -> tuple[int, int] | None:
 
 def load_uids(path: str) -> np.ndarray:
     """A DataComp subset file: a .npy of dtype u8,u8."""
-    a = np.load(path, mmap_mode="r", allow_pickle=False)
+    a = np.load(M.need(path, "python filter.py select --out KEEP.npy writes one"), mmap_mode="r", allow_pickle=False)
     if a.dtype != UID:
         raise SystemExit(f"{path}: uid array has dtype {a.dtype}, expected u8,u8")
     return np.asarray(a)
@@ -575,7 +576,7 @@ def main(argv: list[str] | None = None):
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] not in COMMANDS:
         raise SystemExit(f"usage: filter.py {{{','.join(COMMANDS)}}} --help")
-    return COMMANDS[argv[0]][1](M.parse_config(COMMANDS[argv[0]][0], argv[1:]))
+    return COMMANDS[argv[0]][1](M.parse_config(COMMANDS[argv[0]][0], argv[1:], prog=f"filter.py {argv[0]}"))
 
 
 if __name__ == "__main__":

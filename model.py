@@ -54,15 +54,22 @@ def parse_config(cls, argv=None, presets: dict | None = None, prog: str | None =
         kw = dict(nargs="?", const=True) if kind is bool else dict(nargs="+") if typing.get_origin(kind) is list else {}
         note = f"{notes.get(f.name, '')} (default: {getattr(shown, f.name)!r})".replace("%", "%%")
         a = p.add_argument(flag, type=boolean if kind is bool else base, dest=f.name, metavar=base.__name__.upper(),
-                           help=note, **kw)
+                           help=note, choices=list(presets) if f.name == "preset" and presets else None, **kw)
         if kind is bool:  # listed once, as `--ac / --no-ac [BOOL]` (option_strings are only shown once added)
             p.add_argument("--no-" + flag[2:], action="store_const", const=False, dest=f.name, help=argparse.SUPPRESS)
             a.option_strings = [f"{flag} / --no-{flag[2:]}"]
     given = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
-    name = given.get("preset", getattr(cls, "preset", None))
-    if presets is not None and name is not None and name not in presets:
-        p.error(f"unknown preset {name!r} (known: {', '.join(presets)})")
-    return cls(**{**(presets or {}).get(name, {}), **given})
+    return cls(**{**(presets or {}).get(given.get("preset", getattr(cls, "preset", None)), {}), **given})
+
+
+def need(path: str, hint: str, marker: str = "", hub: bool = False) -> str:
+    """A command's input, checked where first used: missing (or without `marker` in it) is one line naming it and
+    what to run first, not a traceback. hub: `owner/name` with no local `owner` is a hub id, left to the loader."""
+    if not os.path.exists(os.path.join(path, marker) if marker else path) and not (
+            hub and path.count("/") == 1 and not os.path.exists(path.split("/")[0] or "/")):
+        what = f"no {marker} in it" if os.path.isdir(path) else "not found"
+        raise SystemExit(f"error: {path or '(none given)'}: {what}; {hint}")
+    return path
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -503,8 +510,7 @@ class QwenBlock(nn.Module):
     def __init__(self, c: QwenConfig):
         super().__init__()
         d, hd = c.hidden_size, c.head_dim
-        self.heads = [c.num_heads, c.num_kv_heads, c.num_kv_heads]  # for q, k, v
-        self.attn_norm = RMSNorm(d, c.eps)
+        self.heads, self.attn_norm = [c.num_heads, c.num_kv_heads, c.num_kv_heads], RMSNorm(d, c.eps)  # q, k, v heads
         self.qkv = nn.Linear(d, sum(self.heads) * hd, bias=True)  # fused q, k, v (with bias)
         self.o_proj = nn.Linear(c.num_heads * hd, d, bias=False)
         self.mlp_norm = RMSNorm(d, c.eps)
@@ -524,12 +530,11 @@ class QwenBlock(nn.Module):
 class Qwen2(nn.Module):
     def __init__(self, c: QwenConfig):
         super().__init__()
-        self.config = c
+        self.config, self.checkpointing = c, False  # checkpointing: activation checkpointing per block (train.py --ac)
         self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
         self.layers = nn.ModuleList(QwenBlock(c) for _ in range(c.num_layers))
         self.norm = RMSNorm(c.hidden_size, c.eps)
         self.lm_head = None if c.tie_embeddings else nn.Linear(c.hidden_size, c.vocab_size, bias=False)
-        self.checkpointing = False  # activation checkpointing per block (train.py --ac)
 
     def head_weight(self):
         return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
@@ -616,8 +621,7 @@ def collate_rows(rows: list[dict], image_tokens: int, seq_len: int, pad_id: int)
     padding as one more segment). targets[t] is the token after t within its document: the last token of a document,
     images and padding are never supervised."""
     input_ids = np.full((len(rows), seq_len), pad_id, dtype=np.int64)
-    targets = np.full((len(rows), seq_len), IGNORE, dtype=np.int64)
-    doc_lens = []
+    targets, doc_lens = np.full((len(rows), seq_len), IGNORE, dtype=np.int64), []
     for b, row in enumerate(rows):
         ids = np.asarray(row["input_ids"], dtype=np.int64)
         labels = np.where(ids == IMAGE_ID, IGNORE, ids if row.get("labels") is None else np.asarray(row["labels"]))
@@ -639,8 +643,7 @@ def collate_rows(rows: list[dict], image_tokens: int, seq_len: int, pad_id: int)
 class VLM(nn.Module):
     def __init__(self, c: VLMConfig):
         super().__init__()
-        self.config = c
-        self.vision = SiglipVision(c.vision)
+        self.config, self.vision = c, SiglipVision(c.vision)
         self.projector = Projector(c.vision.hidden_size, c.llm.hidden_size, c.vision.image_size // c.vision.patch_size,
                                    c.image_tokens)
         self.llm = Qwen2(c.llm)
@@ -711,8 +714,7 @@ class VLM(nn.Module):
         logits = self.llm(embeds=self.embed(ids, pixel_values), positions=positions, attn=attention(L), cache=cache,
                           last_only=True)
         logits, pos = logits[:, -1], positions[:, -1:]
-        gen = torch.Generator(dev).manual_seed(seed)
-        out, done = [[] for _ in range(B)], [False] * B
+        gen, out, done = torch.Generator(dev).manual_seed(seed), [[] for _ in range(B)], [False] * B
         for step in range(max_new_tokens):
             if temperature <= 0:
                 tok = logits.argmax(-1)

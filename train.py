@@ -178,7 +178,8 @@ class MicroBatches(torch.utils.data.IterableDataset):
 
 def build_model(cfg: Config, vocab: int, device) -> M.VLM:
     if cfg.init:
-        net = W.load_vlm(cfg.init, cfg.vision or None, cfg.llm or None, image_tokens=cfg.image_tokens)
+        net = W.load_vlm(M.need(cfg.init, "--init names a saved VLM (OUT/final)", "config.json", hub=True),
+                         cfg.vision or None, cfg.llm or None, image_tokens=cfg.image_tokens)
     elif cfg.vision and cfg.llm:
         net = W.build_vlm(cfg.vision, cfg.llm, cfg.image_tokens, act=cfg.vision_act)
     else:  # random init, identical on every rank (same seed, full model), so any world size starts the same
@@ -400,7 +401,8 @@ def run(cfg, rank, world, device, stage, prepare=resolve_data):
                          f"{cfg.micro_batch}: lower --micro-batch")
     dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "bf16": torch.bfloat16,
              "fp32": torch.float32}[cfg.precision]
-    with open(os.path.join(data_dir, "stats.json")) as f:
+    done = "pack.py writes stats.json last: run python pack.py --output DIR first (no --data: the toy world)"
+    with open(os.path.join(M.need(data_dir, done, "stats.json"), "stats.json")) as f:
         stats = json.load(f)
     if (stats["seq_len"], stats["image_tokens"]) != (cfg.seq_len, cfg.image_tokens):
         raise SystemExit(f"{data_dir} was packed for seq_len {stats['seq_len']} / image_tokens "
