@@ -775,7 +775,7 @@ def chat_main(argv):
     flags = [k for k, a in enumerate(argv) if a == "--image"]  # repeatable: taken out before parse_config
     images = [argv[k + 1] for k in flags if k + 1 < len(argv)]
     rest = [a for k, a in enumerate(argv) if k not in flags and k - 1 not in flags]
-    cfg = M.parse_config(ChatConfig, rest[:-1] if rest[-1:] and rest[-1][:1] != "-" else rest, "eval.py chat")
+    cfg = M.parse_config(ChatConfig, rest[:-1] if rest[-1:] and rest[-1][:1] != "-" else rest, prog="eval.py chat")
     if not rest or rest[-1].startswith("-"):
         raise SystemExit('usage: python eval.py chat --model SRC --image a.jpg [--image b.jpg] "prompt"')
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

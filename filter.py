@@ -348,7 +348,8 @@ def train(cfg: TrainConfig) -> dict:
         import toyworld
         world = toyworld.ensure()
         cfg.input, cfg.tokenizer = cfg.input or [f"{world}/pool"], cfg.tokenizer or f"{world}/tokenizer.json"
-    tok, pixels, ids, skipped = SiglipTokenizer(cfg.tokenizer, 64, cfg.pad_token), [], [], Counter()
+    tok = SiglipTokenizer(M.need(cfg.tokenizer, "--tokenizer is a tokenizer.json"), 64, cfg.pad_token)
+    pixels, ids, skipped = [], [], Counter()
     for src in pack.resolve_inputs(cfg.input):  # the whole set in memory: the toy pool is 20k x 64 px
         for rows, px in shard_batches(src, 512, cfg.image_size, 2):
             pixels.append(px)

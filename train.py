@@ -401,7 +401,7 @@ def run(cfg, rank, world, device, stage, prepare=resolve_data):
                          f"{cfg.micro_batch}: lower --micro-batch")
     dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "bf16": torch.bfloat16,
              "fp32": torch.float32}[cfg.precision]
-    done = "pack.py writes stats.json last: run python pack.py --output DIR first (no --data: the toy world)"
+    done = "a finished packing has it: run python pack.py --output DIR first (or no --data: the toy world)"
     with open(os.path.join(M.need(data_dir, done, "stats.json"), "stats.json")) as f:
         stats = json.load(f)
     if (stats["seq_len"], stats["image_tokens"]) != (cfg.seq_len, cfg.image_tokens):
