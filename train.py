@@ -425,7 +425,7 @@ def run(cfg, rank, world, device, stage, prepare=resolve_data):
     start, meta = 0, {}
     resume = checkpoint_dirs(cfg.out)[-1:] if cfg.resume == "auto" else [cfg.resume] if cfg.resume else []
     if resume:
-        meta = load_checkpoint(net, opt, resume[0])
+        meta = load_checkpoint(net, opt, M.need(resume[0], "--resume is auto or OUT/checkpoints/step_N", "meta.json"))
         start = meta["step"]
         print0(f"resumed from {resume[0]} at step {start} (row {meta['rows']})")
     metrics_path = os.path.join(cfg.out, "metrics.jsonl")

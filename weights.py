@@ -345,7 +345,8 @@ def load_vlm(src: str, vision: str | None = None, llm: str | None = None, dtype=
     c = read_config(d := resolve(src, ("config.json",)))
     kind = "prismatic" if "vision_backbone_id" in (c.get("model") or {}) else c.get("model_type")
     if kind not in LOADERS:
-        raise ValueError(f"{d}/config.json: not a VLM layout this loads (model_type={kind!r}; known: {list(LOADERS)})")
+        raise ValueError(f"{d}/config.json: not a VLM layout this loads (model_type={kind!r}; known: {list(LOADERS)})"
+                         + (f"; a training run's dir: its model is {src}/final" if "stage" in c else ""))
     d = resolve(src, ("*.json", "*.safetensors", "checkpoints/latest-checkpoint.pt"))  # a hub snapshot: what we read
     model, model.tokenizer_path, model.chat_style = LOADERS[kind](d, c, vision, llm, dtype, image_tokens)
     return model
