@@ -751,7 +751,7 @@ def compare_main(argv):
     if len(argv) < 2 or argv[0].startswith("-") or argv[1].startswith("-"):
         raise SystemExit("usage: python eval.py compare RUN_A RUN_B [--style S] [--json]")
     cfg = M.parse_config(Config, argv[2:], prog="eval.py compare RUN_A RUN_B")
-    res = compare(*(M.need(r, "run python eval.py --out RUN first", "results.json") for r in argv[:2]), cfg.style)
+    res = compare(*(M.need(r, "run python eval.py --out RUN first") for r in argv[:2]), cfg.style)
     for s, benches in res.items() if not cfg.json else []:
         for b, t in benches.items():
             note = "  (right = soft score 1.0)" if b == "textvqa" else "  (circular questions)" if (b, s) == (
