@@ -41,17 +41,17 @@ ABLATION=0
 for arg in "$@"; do
     case $arg in
         --ablation) ABLATION=1 ;;
-        *) echo "usage: bash speedrun.sh [--ablation] (settings are environment variables: see the top of speedrun.sh)" >&2
+        *) echo "usage: bash speedrun.sh [--ablation]  (settings: environment variables, see speedrun.sh's top)" >&2
            exit 2 ;;
     esac
 done
 
 # -----------------------------------------------------------------------------------------------------------------
 # Helpers. `complete FILE...`: every marker file exists. `stage NAME LOG PATTERN CMD...`: run CMD unless the markers
-# of the last `complete` call exist; its output goes to LOG; print the last line of LOG matching PATTERN (empty: all
-# of LOG on one line); on failure print the end of LOG and stop with CMD's exit status.
+# of the last `complete` call exist; its output goes to LOG; print the last line of LOG matching PATTERN (empty: the
+# end of LOG on one line); on failure print the end of LOG and stop with CMD's exit status.
 
-DONE=0
+DONE=0 RAN=
 complete() {
     local file
     DONE=1
@@ -62,9 +62,11 @@ stage() {
     local name=$1 log=$2 pattern=$3 t0=$SECONDS rc=0
     shift 3
     if (( DONE )); then
-        printf '%-22s skipped: complete (%s)\n' "$name" "$log"
+        printf '%-22s skipped: complete (%s)%s\n' "$name" "$log" \
+            "${RAN:+; made before $RAN ran again: delete it to redo it}"
         return
     fi
+    RAN=$name
     mkdir -p "$(dirname "$log")"
     printf '%-22s ' "$name"
     [[ ${VERBOSE:-0} == 1 ]] && echo "$*"
@@ -76,8 +78,13 @@ stage() {
         exit "$rc"
     fi
     local line
-    if [[ -n $pattern ]]; then line=$(grep -E -- "$pattern" "$log" | tail -n 1 || true); else line=$(tr -s '\n ' ' ' < "$log"); fi
-    printf '%4ds  %s\n' $((SECONDS - t0)) "${line:0:200}"
+    if [[ -n $pattern ]]; then
+        line=$(grep -E -- "$pattern" "$log" | tail -n 1 || true)
+    else
+        line=$(tr -s '\n ' ' ' < "$log")  # a JSON summary: its end holds the totals
+        (( ${#line} <= 160 )) || line="...${line: -160}"
+    fi
+    printf '%4ds  %s\n' $((SECONDS - t0)) "$line"
 }
 
 # each_shard POOL DIR EXT: DIR/NAME.EXT for each POOL/NAME.tar (filter.py score writes one file per input shard)
@@ -170,15 +177,15 @@ fi
 A=$ABLATION_RUNS
 echo "speedrun --ablation: world $NOISY_WORLD ($NOISY_FLAGS), runs in $A"
 build_world "$NOISY_WORLD" "$A" $WORLD_FLAGS $NOISY_FLAGS
+after_world=$RAN  # the filtered half depends on the world, not on the unfiltered half
 echo "-- unfiltered: $A/unfiltered"
 train_eval "$NOISY_WORLD" "$NOISY_WORLD/pool" "$A/unfiltered"
-steps=$(tail -n 1 "$A/unfiltered/pretrain/metrics.jsonl" | python -c 'import json, sys; print(json.load(sys.stdin)["step"])')
+steps=$(tail -n 1 "$A/unfiltered/pretrain/metrics.jsonl" |
+        python -c 'import json, sys; print(json.load(sys.stdin)["step"])')  # its last step
 echo "-- filtered: $A/filtered (pre-training for the same $steps steps)"
+RAN=$after_world
 filter_pool "$NOISY_WORLD" "$A/filtered" $NOISY_SELECT_FLAGS
 train_eval "$NOISY_WORLD" "$A/filtered/filter/pool" "$A/filtered" --steps "$steps"
 echo
-echo "unfiltered (A):"
-cat "$A/unfiltered/eval/results.md"
-echo "filtered (B):"
-cat "$A/filtered/eval/results.md"
+echo "results: A = unfiltered ($A/unfiltered/eval/results.md), B = filtered ($A/filtered/eval/results.md)"
 python eval.py compare "$A/unfiltered/eval" "$A/filtered/eval" $EVAL_FLAGS | tee "$A/compare.txt"

@@ -72,7 +72,6 @@ def test_every_stage_feeds_the_next(run):
     assert reshard["seen"] == len(lines) and reshard["kept"] == len(keep)
     packed = load(r / "packed/stats.json")
     assert packed["samples_in"] == len(keep) and (packed["seq_len"], packed["image_tokens"]) == (256, 16)
-    assert packed["tokenizer_sha256"] == load(r / "pretrain/config.json")["data"]["tokenizer_sha256"]
     # train -> sft -> eval
     pre = load(r / "pretrain/config.json")
     assert pre["config"]["data"] == str(r / "packed") and pre["data"] == packed and pre["stage"] == "pretrain"
@@ -84,7 +83,7 @@ def test_every_stage_feeds_the_next(run):
         assert (r / d / "final/model.safetensors").is_file() and (r / d / "final/tokenizer.json").is_file()
     results = load(r / "eval/results.json")
     assert {x["model"] for x in results} == {str(r / "sft/final")}
-    assert {x["data"] for x in results} == {str(w / "eval" / os.path.basename(x["data"])) for x in results}
+    assert all(os.path.dirname(x["data"]) == str(w / "eval") for x in results)
     assert {x["style"] for x in results} == {"paper", "standard"}
     assert {x["benchmark"] for x in results} == {"mmbench", "pope", "textvqa", "muirbench"}
     table = (r / "eval/results.md").read_text()
