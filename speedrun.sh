@@ -93,6 +93,16 @@ each_shard() {
     for tar in "$1"/*.tar; do echo "$2/$(basename "$tar" .tar).$3"; done
 }
 
+# same_run DIR KEY VALUE: stop unless DIR (a train.py or sft.py run dir) is new or records --KEY VALUE in its
+# config.json: a run made by hand (`python train.py` trains on the unfiltered toy pool into runs/pretrain) must not
+# be taken for this one, nor resumed by --resume auto on other data
+same_run() {
+    if [[ -f $1/config.json ]] && ! grep -qF "\"$2\": \"$3\"" "$1/config.json"; then
+        echo "speedrun: $1 holds a run with another --$2 than $3: delete it, or set RUNS to another dir" >&2
+        exit 1
+    fi
+}
+
 # -----------------------------------------------------------------------------------------------------------------
 # The stages. world W -> filter.py (scores, keep list, filtered pool) -> pack.py -> train.py -> sft.py -> eval.py
 
@@ -142,11 +152,13 @@ print("--seq-len", c.seq_len, "--image-tokens", c.image_tokens)' $TRAIN_FLAGS "$
         python pack.py --input "$pool" --output "$r/packed" --tokenizer "$w/tokenizer.json" ${shape:-} $PACK_FLAGS
     # train.py: pre-training (frozen tower, projector + LLM on the packed rows); final/ is the plain checkpoint,
     # its tokenizer.json written last
+    same_run "$r/pretrain" data "$r/packed"
     complete "$r/pretrain/final/tokenizer.json"
     stage "train.py" "$r/logs/train.log" "step [0-9]+/[0-9]+ loss" \
         python train.py --data "$r/packed" --tokenizer "$w/tokenizer.json" --out "$r/pretrain" --resume auto \
         $TRAIN_FLAGS "$@"
     # sft.py: instruction tuning of that checkpoint on the world's LLaVA-format conversations, full resolution
+    same_run "$r/sft" init "$r/pretrain/final"
     complete "$r/sft/final/tokenizer.json"
     stage "sft.py" "$r/logs/sft.log" "step [0-9]+/[0-9]+ loss" \
         python sft.py --init "$r/pretrain/final" --data "$w/sft/sft.json" --out "$r/sft" --resume auto $SFT_FLAGS
@@ -164,6 +176,7 @@ if (( ! ABLATION )); then
     build_world "$WORLD" "$RUNS" $WORLD_FLAGS
     filter_pool "$WORLD" "$RUNS" $SELECT_FLAGS
     train_eval "$WORLD" "$RUNS/filter/pool" "$RUNS"
+    echo "speedrun: done in $((SECONDS / 60))m$((SECONDS % 60))s; the results ($RUNS/eval/results.md):"
     echo
     cat "$RUNS/eval/results.md"
     exit 0

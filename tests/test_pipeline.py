@@ -135,3 +135,20 @@ def test_stops_at_the_first_failing_stage(run, tmp_path):
     assert status(p.stdout) == {"toyworld.py": "skipped", "filter.py train": "failed"}, p.stdout
     assert "--no-such-flag" in p.stdout.splitlines()[-2]  # argparse's one line, then where the whole log is
     assert not (tmp_path / "runs/filter/scores").exists()
+
+
+def test_refuses_a_run_dir_made_from_other_data(run):
+    """A finished runs/pretrain made by hand (`python train.py` trains on the unfiltered pool) is not taken for the
+    speedrun's: it stops before train.py, naming the dir."""
+    tmp, _ = run
+    cfg = tmp / "runs/pretrain/config.json"
+    saved = cfg.read_text()
+    c = json.loads(saved)
+    c["config"]["data"] = str(tmp / "world/packed-512-16")
+    cfg.write_text(json.dumps(c, indent=1))
+    try:
+        p = speedrun(tmp)
+    finally:
+        cfg.write_text(saved)
+    assert p.returncode == 1 and "train.py" not in status(p.stdout), p.stdout
+    assert f"{tmp / 'runs/pretrain'} holds a run with another --data" in p.stderr
