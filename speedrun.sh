@@ -79,7 +79,7 @@ stage() {
     fi
     local line
     if [[ -n $pattern ]]; then
-        line=$(grep -E -- "$pattern" "$log" | tail -n 1 || true)
+        line=$(grep -E -- "$pattern" "$log" | tail -n 1 || tail -n 1 "$log")  # none (a resume with no steps left)
     else
         line=$(tr -s '\n ' ' ' < "$log")  # a JSON summary: its end holds the totals
         (( ${#line} <= 160 )) || line="...${line: -160}"
