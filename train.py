@@ -539,7 +539,8 @@ def save_final(net, mcfg: M.VLMConfig, cfg: Config, tok_path: str, stage: str = 
         with open(path := os.path.join(final, "config.json")) as f:
             saved = json.load(f)
         M.write_json(path, {**saved, "stage": stage, **cfg.final_meta()})
-        shutil.copyfile(tok_path, os.path.join(final, "tokenizer.json"))
+        shutil.copyfile(tok_path, tmp := os.path.join(final, ".tokenizer.json.tmp"))
+        os.replace(tmp, os.path.join(final, "tokenizer.json"))  # last, atomically: speedrun.sh's "final is complete"
         print0(f"saved {final}")
     dist.barrier()
 
