@@ -525,15 +525,15 @@ class Config:
     """python eval.py [--model SRC] [--bench a,b] [--style paper,standard] [--data DIR] [--out DIR] [--limit N]"""
     model: str = "runs/sft/final"  # anything weights.load_vlm reads
     vision: str = ""  # for checkpoints without vision weights (released prismatic runs): dir or hub id
-    llm: str = ""
+    llm: str = ""  # for checkpoints without LLM weights: dir or hub id
     tokenizer: str = ""  # default: the model's
     bench: str = ""  # comma-separated (BENCHES); "" = every benchmark whose file exists
-    style: str = "paper,standard"
+    style: str = "paper,standard"  # comma-separated: paper (the paper's harness) | standard (the benchmarks')
     data: str = ""  # dir of VLMEvalKit TSVs; "" = the toy world's eval/
-    out: str = "runs/eval"
+    out: str = "runs/eval"  # results.md, results.json and STYLE/BENCH/samples.jsonl (rerun: resumes)
     chat: bool = False  # the chat template in both styles (default: standard only)
     raw: bool = False  # raw prompts after <s> in both styles
-    batch_size: int = 16
+    batch_size: int = 16  # prompts per generation batch
     limit: int = 0  # first N rows of each benchmark
     max_new_tokens: int = 0  # 0 = the style's
     workers: int = 2  # image-decoding dataloader workers
@@ -544,15 +544,15 @@ MAX_NEW_TOKENS = {"paper": 16, "standard": 128}
 
 def load_model(cfg, device):
     """weights.load_vlm, plus the chat style and system prompt the checkpoint was tuned with (sft.py records them)."""
-    net = weights.load_vlm(cfg.model, vision=cfg.vision or None, llm=cfg.llm or None,
+    src = M.need(cfg.model, "run python sft.py first, or pass --model", "config.json", hub=True)
+    net = weights.load_vlm(src, vision=cfg.vision or None, llm=cfg.llm or None,
                            dtype=torch.bfloat16 if device.type == "cuda" else torch.float32).to(device).eval()
     tok_path = cfg.tokenizer or net.tokenizer_path
     if not tok_path:
         raise SystemExit(f"{cfg.model}: no tokenizer.json found; pass --tokenizer")
     saved = weights.read_config(cfg.model) if os.path.isfile(os.path.join(cfg.model, "config.json")) else {}
     net.config.max_tiles = cfg.max_tiles or net.config.max_tiles  # what the model runs with: as tuned, or --max-tiles
-    style = getattr(net, "chat_style", None) or saved.get("chat_style") or "qwen2"  # the loader knows the format
-    return net, M.Tokenizer(tok_path), style, saved.get("system", saved.get("system_prompt"))
+    return net, M.Tokenizer(tok_path), net.chat_style, saved.get("system", saved.get("system_prompt"))  # as tuned
 
 def encode_prompt(tok, text: str, chat: bool, chat_style: str, system) -> list[int]:
     turn = [{"from": "human", "value": text}]
@@ -691,14 +691,14 @@ def main(argv=None):
         raise SystemExit(f"unknown style or benchmark {bad}; styles: paper, standard; benchmarks: {', '.join(BENCHES)}")
     rank, world, device = setup()
     try:
+        net, tok, chat_style, system = load_model(cfg, device)
         if not cfg.data:
             import toyworld
             cfg.data = os.path.join(toyworld.ensure() if rank == 0 else toyworld.default_root(), "eval")
-        paths = {b: os.path.join(cfg.data, BENCHES[b]) for b in names}
+        paths = {b: os.path.join(M.need(cfg.data, "--data is a dir of VLMEvalKit TSVs"), BENCHES[b]) for b in names}
         skipped = [f"{b}: {p} not found" for b, p in paths.items() if not os.path.isfile(p)]
         print0("".join(f"skipped {s}\n" for s in skipped), end="")
         paths = {b: p for b, p in paths.items() if os.path.isfile(p)}
-        net, tok, chat_style, system = load_model(cfg, device)
         benches, md5 = {b: load_bench(b, p)[:cfg.limit or None] for b, p in paths.items()}, {}
         for b, p in paths.items():
             with open(p, "rb") as f:
@@ -751,8 +751,8 @@ def compare(run_a: str, run_b: str, style: str = "paper,standard") -> dict:
 def compare_main(argv):
     if len(argv) < 2 or argv[0].startswith("-") or argv[1].startswith("-"):
         raise SystemExit("usage: python eval.py compare RUN_A RUN_B [--style S] [--json]")
-    cfg = M.parse_config(Config, argv[2:])
-    res = compare(argv[0], argv[1], cfg.style)
+    cfg = M.parse_config(Config, argv[2:], prog="eval.py compare RUN_A RUN_B")
+    res = compare(*(M.need(r, "run python eval.py --out RUN first") for r in argv[:2]), cfg.style)
     for s, benches in res.items() if not cfg.json else []:
         for b, t in benches.items():
             note = "  (right = soft score 1.0)" if b == "textvqa" else "  (circular questions)" if (b, s) == (
@@ -768,21 +768,21 @@ def compare_main(argv):
 @dataclass
 class ChatConfig(Config):
     """python eval.py chat --model SRC --image a.jpg [--image b.jpg] "prompt" [--temperature T] [--top-p P]"""
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int = 0
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0  # nucleus sampling mass, with --temperature > 0
+    seed: int = 0  # sampling seed
 
 def chat_main(argv):
     flags = [k for k, a in enumerate(argv) if a == "--image"]  # repeatable: taken out before parse_config
     images = [argv[k + 1] for k in flags if k + 1 < len(argv)]
     rest = [a for k, a in enumerate(argv) if k not in flags and k - 1 not in flags]
-    if not rest or rest[-1].startswith("--"):
+    cfg = M.parse_config(ChatConfig, rest[:-1] if rest[-1:] and rest[-1][:1] != "-" else rest, prog="eval.py chat")
+    if not rest or rest[-1].startswith("-"):
         raise SystemExit('usage: python eval.py chat --model SRC --image a.jpg [--image b.jpg] "prompt"')
-    cfg, device = M.parse_config(ChatConfig, rest[:-1]), torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    net, tok, chat_style, system = load_model(cfg, device)
+    net, tok, chat_style, system = load_model(cfg, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     ids, px = tiled(tok, encode_prompt(tok, _place(rest[-1], len(images))[0], not cfg.raw, chat_style, system),
                     [M.load_image(p) for p in images], net.config)
-    pv = M.normalize_pixels(torch.stack(px).to(device), net.vision.pos_embed.dtype) if images else None
+    pv = M.normalize_pixels(torch.stack(px), net.vision.pos_embed.dtype).to(net.vision.pos_embed.device) if px else None
     shown, new = "", []
 
     def stream(t, _logits):  # print the text as it grows (a token can end inside a character)

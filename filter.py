@@ -157,7 +157,7 @@ class ScoreConfig:  # score's flags, and mlm's
     input: list[str] = field(default_factory=list)  # shards: files, dirs, globs, {a..b} (pack.py's patterns)
     model: str = ""  # score: SigLIP in HF layout with spiece.model or tokenizer.json; mlm: the judge (load_vlm)
     out: str = ""  # SCORES dir
-    batch_size: int = 64
+    batch_size: int = 64  # samples per forward
     workers: int = 2  # image-decoding processes
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
 
@@ -197,7 +197,8 @@ def run_shards(what: str, cfg, settings: dict, image_size: int, fields: tuple, s
 
 def score(cfg: ScoreConfig) -> dict:
     dev, dtype = device_dtype(cfg.precision)
-    d = W.resolve(cfg.model, ("*.json", "*.safetensors", "spiece.model"))
+    d = W.resolve(M.need(cfg.model, "--model is a SigLIP in HF layout (toy: python filter.py train --out DIR)",
+                         "config.json", True), ("*.json", "*.safetensors", "spiece.model"))
     net, tok = W.load_siglip(d, dtype=dtype).to(dev).eval(), SiglipTokenizer(d, 64)  # SiglipProcessor's max_length
 
     @torch.no_grad()
@@ -259,7 +260,7 @@ def mlm(cfg: MLMConfig) -> dict:
         raise SystemExit(f"mlm: --metric is one of {list(MLM_CRITERIA)}")
     import tokenizers
     dev, dtype = device_dtype(cfg.precision)
-    judge = W.load_vlm(cfg.model, dtype=dtype).to(dev).eval()
+    judge = W.load_vlm(M.need(cfg.model, "--model is the judge", "config.json", True), dtype=dtype).to(dev).eval()
     if judge.tokenizer_path is None:
         raise SystemExit(f"mlm: {cfg.model} has no tokenizer")
     tok = tokenizers.Tokenizer.from_file(judge.tokenizer_path)  # control tokens in the prompt parse as tokens
@@ -328,16 +329,16 @@ def save_siglip(out_dir: str, model: M.Siglip, tokenizer: str, pad: tuple[str, i
 class TrainConfig:
     """Train a small SigLIP with the sigmoid loss on image-text shards; save it in HF SigLIP layout."""
     input: list[str] = field(default_factory=list)  # shards; default: the toy world's pool
-    out: str = ""
+    out: str = ""  # the SigLIP dir to write (HF layout)
     tokenizer: str = ""  # a tokenizer.json; default: the toy world's
     pad_token: str = "<|endoftext|>"  # pads the text to 64 tokens, as score will
-    steps: int = 600
-    batch_size: int = 256
-    lr: float = 1e-3
+    steps: int = 600  # optimizer steps
+    batch_size: int = 256  # image-text pairs per step
+    lr: float = 1e-3  # peak learning rate (AdamW)
     width: int = 64  # both towers; patches of image_size / 8
-    layers: int = 2
-    image_size: int = 64
-    seed: int = 0
+    layers: int = 2  # blocks per tower
+    image_size: int = 64  # pixels a side
+    seed: int = 0  # initialization and batch order
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -347,7 +348,8 @@ def train(cfg: TrainConfig) -> dict:
         import toyworld
         world = toyworld.ensure()
         cfg.input, cfg.tokenizer = cfg.input or [f"{world}/pool"], cfg.tokenizer or f"{world}/tokenizer.json"
-    tok, pixels, ids, skipped = SiglipTokenizer(cfg.tokenizer, 64, cfg.pad_token), [], [], Counter()
+    tok = SiglipTokenizer(M.need(cfg.tokenizer, "--tokenizer is a tokenizer.json"), 64, cfg.pad_token)
+    pixels, ids, skipped = [], [], Counter()
     for src in pack.resolve_inputs(cfg.input):  # the whole set in memory: the toy pool is 20k x 64 px
         for rows, px in shard_batches(src, 512, cfg.image_size, 2):
             pixels.append(px)
@@ -398,7 +400,7 @@ def uid_pair(uid) -> tuple[int, int] | None:
 
 def load_uids(path: str) -> np.ndarray:
     """A DataComp subset file: a .npy of dtype u8,u8."""
-    a = np.load(path, mmap_mode="r", allow_pickle=False)
+    a = np.load(M.need(path, "python filter.py select --out KEEP.npy writes one"), mmap_mode="r", allow_pickle=False)
     if a.dtype != UID:
         raise SystemExit(f"{path}: uid array has dtype {a.dtype}, expected u8,u8")
     return np.asarray(a)
@@ -417,8 +419,8 @@ class SelectConfig:
     uids: list[str] = field(default_factory=list)  # DataComp uid files (.npy, u8,u8)
     top_fraction: float = 0.0  # keep the best round(F * scored lines) of each --scores source; 0 = off
     status: str = ""  # "success": keep only lines whose json status is this
-    union: bool = False
-    intersect: bool = False
+    union: bool = False  # keep what any source keeps (the paper: SU >= 85 or DFN)
+    intersect: bool = False  # keep what every source keeps
     out: str = ""  # KEEP.npy; the summary goes to KEEP.json
 
 
@@ -465,10 +467,10 @@ def select(cfg: SelectConfig) -> dict:
 @dataclass
 class ReshardConfig:
     """Copy the samples whose json uid is in --uids into new shards {:08d}.tar of at most --shard-size samples."""
-    input: list[str] = field(default_factory=list)
-    uids: str = ""
-    out: str = ""
-    shard_size: int = 10000
+    input: list[str] = field(default_factory=list)  # shards: files, dirs, globs, {a..b} (pack.py's patterns)
+    uids: str = ""  # the uids to keep: a DataComp uid file (.npy, u8,u8), e.g. select's output
+    out: str = ""  # dir of the new shards
+    shard_size: int = 10000  # samples per output shard
     workers: int = 0  # processes; 0 = all cores
 
 
@@ -575,7 +577,7 @@ def main(argv: list[str] | None = None):
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] not in COMMANDS:
         raise SystemExit(f"usage: filter.py {{{','.join(COMMANDS)}}} --help")
-    return COMMANDS[argv[0]][1](M.parse_config(COMMANDS[argv[0]][0], argv[1:]))
+    return COMMANDS[argv[0]][1](M.parse_config(COMMANDS[argv[0]][0], argv[1:], prog=f"filter.py {argv[0]}"))
 
 
 if __name__ == "__main__":

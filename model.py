@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import inspect
 import io
 import json
 import math
@@ -16,6 +17,7 @@ import os
 import typing
 import warnings
 from dataclasses import dataclass, field
+from tokenize import COMMENT, generate_tokens
 
 import numpy as np
 import torch
@@ -31,32 +33,43 @@ IGNORE = -100  # target id that never enters the loss
 # Command-line configs: every stage has one dataclass whose fields are its flags.
 
 
-def _bool(s: str) -> bool:
-    if s.lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
-        raise ValueError(s)
-    return s.lower() in ("1", "true", "yes", "on")
+def boolean(s: str) -> bool:  # a bool flag's value; anything else is argparse's "invalid boolean value"
+    return ["0", "false", "no", "off", "1", "true", "yes", "on"].index(s.lower()) > 3
 
 
-def parse_config(cls, argv=None, presets: dict | None = None):
+def parse_config(cls, argv=None, presets: dict | None = None, prog: str | None = None):
     """Build dataclass `cls` from flags: field `seq_len` is `--seq-len N`. A bool is `--flag`, `--flag false` or
-    `--no-flag`. `--preset NAME` applies presets[NAME] under the explicit flags. Unknown flags are an error."""
+    `--no-flag`. `--preset NAME` applies presets[NAME] under the explicit flags. Unknown flags are an error. `--help`
+    gives each flag's default (the default preset's) and the `# comment` ending its field's line in the source."""
     hints = typing.get_type_hints(cls)
-    p = argparse.ArgumentParser(description=cls.__doc__, allow_abbrev=False)
+    notes = {t.line.split(":")[0].strip(): t.string[1:].strip() for c in cls.__mro__[-2::-1]  # field -> its comment
+             for t in generate_tokens(io.StringIO(inspect.getsource(c)).readline) if t.type == COMMENT}  # subclass wins
+    doc = cls.__doc__ if not cls.__doc__.startswith(cls.__name__ + "(") else inspect.getmodule(cls).__doc__
+    p = argparse.ArgumentParser(prog, "%(prog)s [--flag VALUE ...]", doc,  # (a dataclass's default doc: its signature)
+                                formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+    shown = cls(**(presets or {}).get(getattr(cls, "preset", None), {}))  # what a run without flags uses
     for f in dataclasses.fields(cls):
         flag, kind = "--" + f.name.replace("_", "-"), hints[f.name]
-        if kind is bool:
-            p.add_argument(flag, type=_bool, nargs="?", const=True, dest=f.name, help=f"default {f.default}")
-            p.add_argument("--no-" + flag[2:], action="store_const", const=False, dest=f.name)
-        elif typing.get_origin(kind) is list:  # list[str]: `--input a b c`
-            p.add_argument(flag, type=typing.get_args(kind)[0], nargs="+", dest=f.name)
-        else:
-            base = next((t for t in typing.get_args(kind) if t is not type(None)), kind)
-            p.add_argument(flag, type=base, dest=f.name, help=f"default {f.default}")
+        base = next((t for t in typing.get_args(kind) if t is not type(None)), kind)  # list[str], str | None -> str
+        kw = dict(nargs="?", const=True) if kind is bool else dict(nargs="+") if typing.get_origin(kind) is list else {}
+        note = f"{notes.get(f.name, '')} (default: {getattr(shown, f.name)!r})".replace("%", "%%")
+        a = p.add_argument(flag, type=boolean if kind is bool else base, dest=f.name, metavar=base.__name__.upper(),
+                           help=note, choices=list(presets) if f.name == "preset" and presets else None, **kw)
+        if kind is bool:  # listed once, as `--ac / --no-ac [BOOL]` (option_strings are only shown once added)
+            p.add_argument("--no-" + flag[2:], action="store_const", const=False, dest=f.name, help=argparse.SUPPRESS)
+            a.option_strings = [f"{flag} / --no-{flag[2:]}"]
     given = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
-    name = given.get("preset", getattr(cls, "preset", None))
-    if presets is not None and name is not None and name not in presets:
-        p.error(f"unknown preset {name!r} (known: {', '.join(presets)})")
-    return cls(**{**(presets or {}).get(name, {}), **given})
+    return cls(**{**(presets or {}).get(given.get("preset", getattr(cls, "preset", None)), {}), **given})
+
+
+def need(path: str, hint: str, marker: str = "", hub: bool = False) -> str:
+    """A command's input, checked where first used: missing (or without `marker` in it) is one line naming it and
+    what to run first, not a traceback. hub: `owner/name` with no local `owner` is a hub id, left to the loader."""
+    if not os.path.exists(os.path.join(path, marker) if marker else path) and not (
+            hub and path.count("/") == 1 and not os.path.exists(path.split("/")[0] or "/")):
+        what = f"no {marker} in it" if os.path.isdir(path) else "not found"
+        raise SystemExit(f"error: {path or '(none given)'}: {what}; {hint}")
+    return path
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -168,8 +181,7 @@ def chat_tokens(tok: Tokenizer, turns: list[dict], style: str = "qwen2", system:
 
 
 def expand_tiles(tok: Tokenizer, ids: list[int], tiles: list[int], labels: list[int] | None = None):
-    """Image k -> tiles[k] images, each after NVLM's 1-D tile tag, plain text tokenized apart: <tile_1> ...
-    <tile_{n-1}>, then <tile_global_thumbnail> (the thumbnail or the only tile). -> ids, labels (IGNORE on tags)."""
+    """Image k -> tiles[k] images after NVLM's tags <tile_1> .. <tile_{n-1}> <tile_global_thumbnail>, unsupervised"""
     n_tiles, out = iter(tiles), []
     for t, y in zip(ids, ids if labels is None else labels):
         tags = [f"<tile_{k}>" for k in range(1, next(n_tiles))] + ["<tile_global_thumbnail>"] if t == IMAGE_ID else []
@@ -223,9 +235,8 @@ def preprocess(src, size: int) -> torch.Tensor:
 
 
 def tile_image(img: Image.Image, size: int, max_tiles: int, thumbnail: bool = True) -> list[Image.Image]:
-    """NVLM's dynamic resolution = InternVL's dynamic_preprocess (internvl_chat/internvl/train/dataset.py, 1831ceb9):
-    the (columns, rows) grid of 1..max_tiles tiles nearest w/h in ratio (by area; a tie to a later grid if w*h >
-    size^2 * area / 2) gets the image resized (PIL bicubic, as InternVL) and cut row by row; then a thumbnail if >1."""
+    """InternVL's dynamic_preprocess (internvl_chat/internvl/train/dataset.py, 1831ceb9), PIL bicubic as InternVL: the
+    grid of <= max_tiles tiles nearest w/h (ties: area rule), cut row by row; then, if several, a thumbnail."""
     (w, h), best = img.size, math.inf
     for a, b in ((a, n // a) for n in range(1, max_tiles + 1) for a in range(1, n + 1) if n % a == 0):
         if (d := abs(w / h - a / b)) < best or d == best and w * h > 0.5 * size * size * a * b:
@@ -374,10 +385,6 @@ class Siglip(nn.Module):
     def text_embeds(self, input_ids):  # == get_text_features
         return self.text(input_ids)
 
-    def pair_logits(self, image_embeds, text_embeds):  # image i matches text i: sigmoid of it is SigLIP's probability
-        i, t = F.normalize(image_embeds, dim=-1), F.normalize(text_embeds, dim=-1)
-        return (i * t).sum(-1) * self.logit_scale.exp() + self.logit_bias
-
     from_pretrained = classmethod(lambda cls, src, **kw: _weights().load_siglip(src, **kw))
 
 
@@ -501,8 +508,7 @@ def attend(q, k, v, attn: Attention):
 class RMSNorm(nn.Module):
     def __init__(self, d: int, eps: float):
         super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(d))
+        self.eps, self.weight = eps, nn.Parameter(torch.ones(d))
 
     def forward(self, x):  # in fp32, then back, as Qwen2 does
         x32 = x.float()
@@ -525,8 +531,7 @@ class QwenBlock(nn.Module):
     def __init__(self, c: QwenConfig):
         super().__init__()
         d, hd = c.hidden_size, c.head_dim
-        self.heads = [c.num_heads, c.num_kv_heads, c.num_kv_heads]  # for q, k, v
-        self.attn_norm = RMSNorm(d, c.eps)
+        self.heads, self.attn_norm = [c.num_heads, c.num_kv_heads, c.num_kv_heads], RMSNorm(d, c.eps)  # q, k, v heads
         self.qkv = nn.Linear(d, sum(self.heads) * hd, bias=True)  # fused q, k, v (with bias)
         self.o_proj = nn.Linear(c.num_heads * hd, d, bias=False)
         self.mlp_norm = RMSNorm(d, c.eps)
@@ -546,12 +551,11 @@ class QwenBlock(nn.Module):
 class Qwen2(nn.Module):
     def __init__(self, c: QwenConfig):
         super().__init__()
-        self.config = c
+        self.config, self.checkpointing = c, False  # checkpointing: activation checkpointing per block (train.py --ac)
         self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
         self.layers = nn.ModuleList(QwenBlock(c) for _ in range(c.num_layers))
         self.norm = RMSNorm(c.hidden_size, c.eps)
         self.lm_head = None if c.tie_embeddings else nn.Linear(c.hidden_size, c.vocab_size, bias=False)
-        self.checkpointing = False  # activation checkpointing per block (train.py --ac)
 
     def forward(self, input_ids=None, embeds=None, positions=None, attn: Attention | None = None, targets=None,
                 cache: KVCache | None = None, last_only: bool = False):
@@ -632,12 +636,10 @@ def collate_rows(rows: list[dict], image_tokens: int, seq_len: int, pad_id: int)
     padding as one more segment). targets[t] is the token after t within its document: the last token of a document,
     images and padding are never supervised."""
     input_ids = np.full((len(rows), seq_len), pad_id, dtype=np.int64)
-    targets = np.full((len(rows), seq_len), IGNORE, dtype=np.int64)
-    doc_lens = []
+    targets, doc_lens = np.full((len(rows), seq_len), IGNORE, dtype=np.int64), []
     for b, row in enumerate(rows):
         ids = np.asarray(row["input_ids"], dtype=np.int64)
-        labels = np.asarray(row["labels"], dtype=np.int64) if row.get("labels") is not None else ids
-        labels = np.where(ids == IMAGE_ID, IGNORE, labels)
+        labels = np.where(ids == IMAGE_ID, IGNORE, ids if row.get("labels") is None else np.asarray(row["labels"]))
         rep = np.where(ids == IMAGE_ID, image_tokens, 1)
         starts = np.cumsum([0] + list(row["doc_lengths"][:-1]))
         if sum(row["doc_lengths"]) != len(ids):
@@ -647,8 +649,7 @@ def collate_rows(rows: list[dict], image_tokens: int, seq_len: int, pad_id: int)
         if n > seq_len:
             raise ValueError(f"row {b}: {n} tokens after image expansion, over seq_len {seq_len}")
         input_ids[b, :n] = np.repeat(ids, rep)
-        tgt = np.repeat(labels, rep)
-        targets[b, : n - 1] = tgt[1:]
+        targets[b, : n - 1] = np.repeat(labels, rep)[1:]
         targets[b, np.cumsum(lens) - 1] = IGNORE  # no prediction across a document boundary
         doc_lens.append(lens + ([seq_len - n] if n < seq_len else []))
     return {"input_ids": torch.from_numpy(input_ids), "targets": torch.from_numpy(targets), "doc_lens": doc_lens}
@@ -725,8 +726,8 @@ class VLM(nn.Module):
         positions = (keys[:, :L].cumsum(1) - 1).clamp(min=0)
         logits = self.llm(embeds=self.embed(ids, pixel_values), positions=positions, attn=attention(L), cache=cache,
                           last_only=True)
-        logits, pos, gen = logits[:, -1], positions[:, -1:], torch.Generator(dev).manual_seed(seed)
-        out, done = [[] for _ in range(B)], [False] * B
+        logits, pos = logits[:, -1], positions[:, -1:]
+        gen, out, done = torch.Generator(dev).manual_seed(seed), [[] for _ in range(B)], [False] * B
         for step in range(max_new_tokens):
             if temperature <= 0:
                 tok = logits.argmax(-1)
@@ -790,8 +791,7 @@ def _weights():  # the foreign checkpoint formats live in weights.py, which impo
 
 
 def write_json(path: str, obj):
-    """Atomic: written under a hidden temp name, then renamed, so a reader sees the old file or the whole new one. A
-    str is written as it is (eval.py's JSON Lines and tables)."""
+    """Atomic (a hidden temp name, then renamed: a reader sees the old file or the whole new one); a str as it is."""
     tmp = os.path.join(os.path.dirname(path), "." + os.path.basename(path) + ".tmp")
     with open(tmp, "w") as f:
         f.write(obj if isinstance(obj, str) else json.dumps(obj, indent=1))

@@ -445,8 +445,8 @@ def _pack_one(job):
 
 def main(argv: list[str] | None = None) -> dict:
     cfg = parse_config(PackConfig, argv)
-    if not (cfg.input and cfg.output and cfg.tokenizer):
-        raise SystemExit("pack: --input, --output and --tokenizer are required")
+    if not (cfg.input and cfg.output and os.path.exists(cfg.tokenizer)):
+        raise SystemExit(f"pack: --input, --output and an existing --tokenizer are required (got {cfg.tokenizer!r})")
     if cfg.method not in PACKERS or cfg.long not in ("truncate", "drop"):
         raise SystemExit(f"pack: --method is one of {list(PACKERS)}; --long is truncate or drop")
     if cfg.image_tokens < 1 or cfg.seq_len < cfg.image_tokens + 3:

@@ -11,8 +11,7 @@ Preparation turns every conversation into one document of pack.py's row format (
 IGNORE except the assistant replies and their end markers) and packs them into --seq-len rows that train.py trains
 with the document mask, so a packed step computes exactly what the conversations would compute alone. --no-pack
 writes one conversation per row, in length groups, padded to the batch's longest row: the official layout.
---max-tiles N: NVLM's dynamic high resolution, each image cut into up to N tiles and a thumbnail (model.tile_image),
-stored as PNG tiles, each after its text tag (<tile_1> ... <tile_global_thumbnail>) and --tile-tokens tokens long.
+--max-tiles N: NVLM's tiles (model.tile_image), stored as PNG, each after its text tag, of --tile-tokens tokens.
 
 Sources are read in order and cut into shards of --shard-size conversations; each shard is checked, tokenized and
 packed by one worker, written atomically, and skipped by a rerun. The prepared dir is keyed by everything its bytes
@@ -369,11 +368,16 @@ def prepare(cfg: Config, rank: int) -> tuple[str, str]:
                          "use --no-pack for plain causal rows")
     if cfg.chat_style not in ("qwen2", "release"):
         raise SystemExit(f"sft: --chat-style is qwen2 or release, not {cfg.chat_style!r}")
+    hint = "run `python train.py` first" if cfg.init == Config.init else "--init names the pre-trained VLM"
     try:  # what weights.load_vlm will load (a dir, a file, or a hub id)
         init = W.resolve(cfg.init, ("config.json", "tokenizer.json"))
     except FileNotFoundError as e:
-        hint = "run `python train.py` first" if cfg.init == Config.init else "--init names the pre-trained VLM"
         raise SystemExit(f"sft: no pre-trained model at --init {cfg.init!r}: {hint} ({e})") from None
+    saved = W.read_config(M.need(init, hint, "config.json")) if os.path.isdir(init) else {}  # final/ records its stage
+    if "stage" in saved and "model_type" not in saved:  # train.py's OUT/config.json: the model is OUT/final
+        raise SystemExit(f"error: {init}: a training run's dir, not a checkpoint; its model is {init}/final")
+    if saved.get("stage") == "sft" and rank == 0:  # allowed: more tuning, on other data or with other flags
+        print(f"sft: note: --init {init} is already instruction-tuned (stage sft); tuning it further")
     tok = cfg.tokenizer or os.path.join(init if os.path.isdir(init) else os.path.dirname(init), "tokenizer.json")
     if not os.path.isfile(tok):
         raise SystemExit(f"sft: no tokenizer.json beside --init {cfg.init}: pass --tokenizer")

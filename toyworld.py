@@ -44,7 +44,7 @@ class Config:
     """python toyworld.py [--out DIR] [--seed N] [--n-pool N] [--n-sft N] [--n-eval N] [--image-size PX]
     [--text-size F] [--wrong-share F] [--shard-size N] [--samples DIR]"""
     out: str = ""  # the world dir; empty: cache/toyworld next to this file
-    seed: int = 0
+    seed: int = 0  # the same seed gives byte-identical files
     n_pool: int = 20000  # pre-training pairs
     n_sft: int = 10000  # SFT conversations
     n_eval: int = 1000  # questions in each evaluation set

@@ -41,15 +41,15 @@ class Config:
     llm: str = ""  # Qwen2 checkpoint dir or hub id; "" = random init
     tokenizer: str = ""  # tokenizer.json; default: the --llm's, the --init's or the toy world's
     image_tokens: int = 16  # per image after pooling: 144 in the paper's pre-training
-    seq_len: int = 512
+    seq_len: int = 512  # tokens per packed row, images expanded (the data must be packed for it)
     global_batch: int = 16  # packed rows per optimizer step, all ranks together
     micro_batch: int = 8  # rows per forward on one rank
     steps: int = 0  # optimizer steps; 0 = one epoch over the packed rows
-    lr: float = 2e-3
-    weight_decay: float = 0.01
+    lr: float = 2e-3  # peak learning rate (AdamW)
+    weight_decay: float = 0.01  # AdamW's, on weight matrices only (not biases, norms)
     warmup: float = 0.03  # share of steps with linear warmup, then cosine to 0
-    clip: float = 1.0
-    train_vision: bool = False
+    clip: float = 1.0  # gradient-norm clipping threshold
+    train_vision: bool = False  # also train the SigLIP tower (frozen in the paper)
     vision_lr: float = 0.0  # with --train-vision: the tower's peak lr; 0 = --lr
     doc_mask: bool = True  # False = the paper's plain causal attention and positions over whole packed rows
     attention: str = "auto"  # auto | flex | docs | mask (how document masking is computed)
@@ -62,7 +62,7 @@ class Config:
     keep: int = 2  # checkpoints kept
     save: bool = True  # False: nothing is written under --out (no config, metrics, checkpoints, final model)
     resume: str = ""  # "auto" = newest complete checkpoint in out/checkpoints, or a checkpoint dir
-    log_every: int = 10
+    log_every: int = 10  # steps between log lines
     peak_tflops: float = 0.0  # spec MFU denominator per device; 0 = the GPU table, else the measured matmul peak
     wandb: str = ""  # wandb project; used only if wandb is installed
     dry_run: bool = False  # print parameters, FLOPs per token and projected GPU-hours, then exit
@@ -178,7 +178,8 @@ class MicroBatches(torch.utils.data.IterableDataset):
 
 def build_model(cfg: Config, vocab: int, device) -> M.VLM:
     if cfg.init:
-        net = W.load_vlm(cfg.init, cfg.vision or None, cfg.llm or None, image_tokens=cfg.image_tokens)
+        net = W.load_vlm(M.need(cfg.init, "--init names a saved VLM (OUT/final)", "config.json", hub=True),
+                         cfg.vision or None, cfg.llm or None, image_tokens=cfg.image_tokens)
     elif cfg.vision and cfg.llm:
         net = W.build_vlm(cfg.vision, cfg.llm, cfg.image_tokens, act=cfg.vision_act)
     else:  # random init, identical on every rank (same seed, full model), so any world size starts the same
@@ -400,7 +401,8 @@ def run(cfg, rank, world, device, stage, prepare=resolve_data):
                          f"{cfg.micro_batch}: lower --micro-batch")
     dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "bf16": torch.bfloat16,
              "fp32": torch.float32}[cfg.precision]
-    with open(os.path.join(data_dir, "stats.json")) as f:
+    done = "a finished packing has it: run python pack.py --output DIR first (or no --data: the toy world)"
+    with open(os.path.join(M.need(data_dir, done, "stats.json"), "stats.json")) as f:
         stats = json.load(f)
     if (stats["seq_len"], stats["image_tokens"]) != (cfg.seq_len, cfg.image_tokens):
         raise SystemExit(f"{data_dir} was packed for seq_len {stats['seq_len']} / image_tokens "
@@ -423,7 +425,7 @@ def run(cfg, rank, world, device, stage, prepare=resolve_data):
     start, meta = 0, {}
     resume = checkpoint_dirs(cfg.out)[-1:] if cfg.resume == "auto" else [cfg.resume] if cfg.resume else []
     if resume:
-        meta = load_checkpoint(net, opt, resume[0])
+        meta = load_checkpoint(net, opt, M.need(resume[0], "--resume is auto or OUT/checkpoints/step_N", "meta.json"))
         start = meta["step"]
         print0(f"resumed from {resume[0]} at step {start} (row {meta['rows']})")
     metrics_path = os.path.join(cfg.out, "metrics.jsonl")
@@ -537,7 +539,8 @@ def save_final(net, mcfg: M.VLMConfig, cfg: Config, tok_path: str, stage: str = 
         with open(path := os.path.join(final, "config.json")) as f:
             saved = json.load(f)
         M.write_json(path, {**saved, "stage": stage, **cfg.final_meta()})
-        shutil.copyfile(tok_path, os.path.join(final, "tokenizer.json"))
+        shutil.copyfile(tok_path, tmp := os.path.join(final, ".tokenizer.json.tmp"))
+        os.replace(tmp, os.path.join(final, "tokenizer.json"))  # last, atomically: speedrun.sh's "final is complete"
         print0(f"saved {final}")
     dist.barrier()
 

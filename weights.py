@@ -203,8 +203,7 @@ def _vision_tables(prefixes, ours: str, use_head: bool) -> list:  # a SigLIP vis
 
 
 def load_qwen(src: str, dtype=None) -> Qwen2:
-    d = resolve(src)
-    cfg = qwen_config(read_config(d))
+    cfg = qwen_config(read_config(d := resolve(src)))
     with torch.device("meta"):
         model = Qwen2(cfg)
     return load_into(model, read_tensors(d), _mapper(("model.", _llm_rules(cfg), ""), ("", _llm_rules(cfg), "")), dtype)
@@ -228,8 +227,7 @@ def load_vision(src: str, config: VisionConfig | None = None, act: str | None = 
 
 
 def load_siglip(src: str, dtype=None) -> Siglip:
-    d = resolve(src)
-    c = read_config(d)
+    c = read_config(d := resolve(src))
     with torch.device("meta"):
         model = Siglip(vision_config(c["vision_config"]), text_config(c["text_config"]))
     key_map = _mapper(("vision_model.", VISION_KEYS, "vision."), ("text_model.", TEXT_KEYS, "text."),
@@ -347,7 +345,8 @@ def load_vlm(src: str, vision: str | None = None, llm: str | None = None, dtype=
     c = read_config(d := resolve(src, ("config.json",)))
     kind = "prismatic" if "vision_backbone_id" in (c.get("model") or {}) else c.get("model_type")
     if kind not in LOADERS:
-        raise ValueError(f"{d}/config.json: not a VLM layout this loads (model_type={kind!r}; known: {list(LOADERS)})")
+        raise ValueError(f"{d}/config.json: not a VLM layout this loads (model_type={kind!r}; known: {list(LOADERS)})"
+                         + (f"; a training run's dir: its model is {src}/final" if "stage" in c else ""))
     d = resolve(src, ("*.json", "*.safetensors", "checkpoints/latest-checkpoint.pt"))  # a hub snapshot: what we read
     model, model.tokenizer_path, model.chat_style = LOADERS[kind](d, c, vision, llm, dtype, image_tokens)
     return model
@@ -489,10 +488,11 @@ class ExportConfig:
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
+    c = M.parse_config(ExportConfig, argv[3:] if len(argv) > 2 else argv[1:], prog="weights.py export-hf SRC OUT")
     if len(argv) < 3 or argv[0] != "export-hf" or argv[1].startswith("-") or argv[2].startswith("-"):
         sys.exit("usage: python weights.py export-hf SRC OUT [--full-res] [--dtype bfloat16]")
-    c = M.parse_config(ExportConfig, argv[3:])
-    out = export_hf(argv[1], argv[2], c.full_res, c.dtype and getattr(torch, c.dtype))
+    src = M.need(argv[1], "SRC is a checkpoint dir (runs/sft/final: python sft.py) or a hub id", "config.json", True)
+    out = export_hf(src, argv[2], c.full_res, c.dtype and getattr(torch, c.dtype))
     print(f"wrote {out}: {', '.join(sorted(os.listdir(out)))}")
 
 
