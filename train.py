@@ -75,7 +75,7 @@ class Config:
 
 
 PRESETS = {
-    "tiny": {},
+    "tiny": dict(train_vision=True),  # a random tower, trained: frozen, it caps what the toy VLM can see
     "paper": dict(vision="google/siglip-so400m-patch14-384", llm="Qwen/Qwen2.5-1.5B-Instruct", image_tokens=144,
                   seq_len=4096, global_batch=512, micro_batch=8, lr=5e-5, ac=True),
 }
