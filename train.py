@@ -329,6 +329,8 @@ def resolve_data(cfg: Config, rank: int) -> tuple[str, str]:
                                      os.path.isfile(os.path.join(p, "tokenizer.json"))), "")
         if not tok and cfg.llm:
             tok = os.path.join(W.resolve(cfg.llm, ("tokenizer.json",)), "tokenizer.json")
+        if not tok:  # packed rows do not name their tokenizer (stats.json has its sha256 only)
+            raise SystemExit(f"{cfg.data}: no tokenizer: pass --tokenizer, the tokenizer.json the rows were packed with")
         return cfg.data, tok
     import toyworld
     if rank == 0:
