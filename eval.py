@@ -533,7 +533,7 @@ class Config:
     out: str = "runs/eval"  # results.md, results.json and STYLE/BENCH/samples.jsonl (rerun: resumes)
     chat: bool = False  # the chat template in both styles (default: standard only)
     raw: bool = False  # raw prompts after <s> in both styles
-    batch_size: int = 16  # prompts per generation batch
+    batch_size: int = 64  # prompts per generation batch
     limit: int = 0  # first N rows of each benchmark
     max_new_tokens: int = 0  # 0 = the style's
     workers: int = 2  # image-decoding dataloader workers

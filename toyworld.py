@@ -57,7 +57,7 @@ class Config:
 
 
 DEFAULTS = {k: v for k, v in dataclasses.asdict(Config()).items() if k not in ("out", "samples")}  # build()'s settings
-VERSION = 3  # bump when the output changes, so that ensure() rebuilds stale caches
+VERSION = 4  # bump when the output changes, so that ensure() rebuilds stale caches
 VOCAB_SIZE = 3000  # BPE target; the toy language saturates below it (~1.8k merges and bytes)
 BROKEN_KINDS = ("truncated_jpeg", "zero_byte_image", "empty_caption", "missing_txt", "huge_caption", "cmyk_jpeg",
                 "png_alpha")
@@ -371,10 +371,12 @@ def conversation(rng, scene):
         if any(q in x for x, _ in turns):
             continue
         style = rng.choices(("sentence", "short", "mc"), (40, 40, 20))[0]
-        if style == "mc" and short not in ("Yes", "No"):
+        if style == "mc" and short not in ("Yes", "No"):  # LLaVA's option prompt, or VLMEvalKit's MMBench one
             opts, letter = multiple_choice(rng, short, others)
-            turns.append((q + "".join(f"\n{LETTERS[k]}. {o}" for k, o in enumerate(opts)) +
-                          "\nAnswer with the option's letter from the given choices directly.", letter))
+            listed = "".join(f"\n{LETTERS[k]}. {o}" for k, o in enumerate(opts))
+            turns.append((q + listed + "\nAnswer with the option's letter from the given choices directly." if
+                          rng.random() < 0.5 else f"Question: {q}\nOptions:{listed}\nPlease select the correct answer "
+                          "from the options above. \n", letter))
         else:
             turns.append((q + "\nAnswer the question using a single word or phrase.", short) if style == "short"
                          else (q, sentence))

@@ -75,7 +75,7 @@ class Config:
 
 
 PRESETS = {
-    "tiny": {},
+    "tiny": dict(train_vision=True),  # a random tower, trained: frozen, it caps what the toy VLM can see
     "paper": dict(vision="google/siglip-so400m-patch14-384", llm="Qwen/Qwen2.5-1.5B-Instruct", image_tokens=144,
                   seq_len=4096, global_batch=512, micro_batch=8, lr=5e-5, ac=True),
 }
@@ -330,6 +330,8 @@ def resolve_data(cfg: Config, rank: int) -> tuple[str, str]:
                                      os.path.isfile(os.path.join(p, "tokenizer.json"))), "")
         if not tok and cfg.llm:
             tok = os.path.join(W.resolve(cfg.llm, ("tokenizer.json",)), "tokenizer.json")
+        if not tok:  # packed rows do not name their tokenizer (stats.json has its sha256 only)
+            raise SystemExit(f"{cfg.data}: no tokenizer: pass --tokenizer, the tokenizer.json the rows were packed with")
         return cfg.data, tok
     import toyworld
     if rank == 0:
