@@ -198,6 +198,9 @@ def shard_model(net: M.VLM, cfg: Config, dtype):
     the root (embeddings, projector, final norm, head). Params are gathered in `dtype`, gradients reduced in fp32."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     net.vision.requires_grad_(cfg.train_vision)
+    v = net.vision  # what the VLM never computes gets no gradient, so no optimizer state a resume could load: frozen
+    for m in [*v.blocks[len(v.blocks) + 1 + net.config.feature_layer:], v.post_norm] + [v.head] * (v.head is not None):
+        m.requires_grad_(False)
     if not cfg.train_vision:
         net.vision.to(dtype)  # frozen: store it in the compute dtype, it never sees an optimizer
     net.llm.checkpointing = cfg.ac
