@@ -82,7 +82,7 @@ class Config(train.Config):
 
 # paper: about the official 128 conversations a step at LLaVA-665k's lengths: on a LLaVA-665k-like set (bench/sft.py,
 # 729 + ~300 tokens a conversation) a packed 4096-token row holds 3.74 conversations, so 32 rows hold ~120
-PRESETS = {"tiny": dict(steps=80, lr=2e-3, train_vision=True, attention="mask"),  # 43% of the toy SFT rows
+PRESETS = {"tiny": dict(steps=200, global_batch=8, lr=3e-3, attention="mask"),  # 55% of the toy SFT rows
            "paper": dict(seq_len=4096, global_batch=32, micro_batch=1, lr=2e-5, weight_decay=0.1,
                                      warmup=0.03, ac=True, init="")}
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
