@@ -46,7 +46,8 @@ def main():
                                                    "toyworld", f"packed-{saved['seq_len']}-{saved['image_tokens']}")
     net = M.load_vlm(M.need(os.path.join(a.run, "final"), "the run has no final/ yet")).eval()
     cfg = train.Config(seq_len=saved["seq_len"], image_tokens=net.config.image_tokens)
-    rows = train.Rows(data, 123).read(0, a.rows)
+    rows = train.Rows(M.need(data, "pass --data: the packed rows the run trained on (relative paths: from its cwd)"),
+                      123).read(0, a.rows)
     points = sorted(p for p in glob.glob(os.path.join(a.run, "checkpoints", "step_*")) if not p.endswith(".tmp"))
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
     for path in points + ["final"]:

@@ -141,3 +141,18 @@ def test_no_save_writes_nothing_and_returns_the_records(packed, tmp_path):
 def test_docs_attention_under_compile_is_refused(packed, tmp_path):
     with pytest.raises(SystemExit, match="recompiles"):
         train.main(flags(packed, tmp_path / "x", "--attention", "docs", "--compile"))
+
+
+def test_train_vision_resume_is_exact(packed, tmp_path):
+    """--train-vision: the tower's parts the VLM never computes (blocks after its feature layer, the final norm,
+    the head) stay frozen; trained, they got no gradient, hence no optimizer state, and --resume failed."""
+    out, fast = tmp_path / "run", ("--workers", "0", "--ckpt-every", "2", "--train-vision")
+    train.main(flags(packed, out, "--steps", "4", *fast))
+    whole, weights = losses(out), final_weights(out)
+    train.main(flags(packed, out, "--steps", "4", *fast, "--resume", train.checkpoint_dirs(str(out))[0]))
+    assert losses(out) == whole
+    again = final_weights(out)
+    assert all(torch.equal(weights[k], again[k]) for k in weights)
+    train.main(flags(packed, tmp_path / "frozen", "--steps", "4", "--workers", "0"))
+    frozen = losses(tmp_path / "frozen")
+    assert frozen[0] == whole[0] and frozen[-1] != whole[-1]  # same start; the tower did train
