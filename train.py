@@ -183,12 +183,18 @@ def build_model(cfg: Config, vocab: int, device) -> M.VLM:
                          cfg.vision or None, cfg.llm or None, image_tokens=cfg.image_tokens)
     elif cfg.vision and cfg.llm:
         net = W.build_vlm(cfg.vision, cfg.llm, cfg.image_tokens, act=cfg.vision_act)
+    elif cfg.llm:
+        raise SystemExit("train: --llm needs --vision too (or --init); --vision alone keeps the preset's random LLM")
     else:  # random init, identical on every rank (same seed, full model), so any world size starts the same
         c = M.preset(cfg.preset, vocab_size=None if cfg.preset == "paper" else -(-vocab // 64) * 64)
-        c.vision.act, c.image_tokens = cfg.vision_act, cfg.image_tokens
+        v = W.load_vision(cfg.vision, act=cfg.vision_act) if cfg.vision else None  # e.g. filter.py train's SigLIP
+        c.vision = v.config if v else c.vision
+        c.vision.use_head, c.vision.act, c.image_tokens = False, cfg.vision_act, cfg.image_tokens
         with torch.device(device):
             net = M.VLM(c)
         net.init_weights(cfg.seed)
+        if v:
+            net.vision.load_state_dict({k: t for k, t in v.state_dict().items() if not k.startswith("head.")})
     if vocab > net.config.llm.vocab_size:
         raise ValueError(f"tokenizer has {vocab} tokens, the model's embedding only {net.config.llm.vocab_size}")
     return net.to(device)

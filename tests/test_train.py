@@ -156,3 +156,19 @@ def test_train_vision_resume_is_exact(packed, tmp_path):
     train.main(flags(packed, tmp_path / "frozen", "--steps", "4", "--workers", "0"))
     frozen = losses(tmp_path / "frozen")
     assert frozen[0] == whole[0] and frozen[-1] != whole[-1]  # same start; the tower did train
+
+
+def test_vision_alone_loads_the_tower_and_keeps_the_random_llm(tmp_path):
+    """--vision without --llm (the toy recipe's tower from filter.py train, say): the tower is the checkpoint's, the
+    LLM the preset's at random; it was silently ignored (a random tower) before."""
+    import model as M
+    from checkpoints import random_vlm, write_hf_vision
+    src = random_vlm(M.preset("tiny", 256), seed=3)
+    path = write_hf_vision(tmp_path / "siglip", src)
+    cfg = train.Config(vision=path, image_tokens=16)
+    net, fresh = train.build_model(cfg, 256, torch.device("cpu")), train.build_model(train.Config(), 256, "cpu")
+    tower = src.vision.state_dict()
+    assert all(torch.equal(t, tower[k]) for k, t in net.vision.state_dict().items())
+    assert all(torch.equal(t, fresh.llm.state_dict()[k]) for k, t in net.llm.state_dict().items())
+    with pytest.raises(SystemExit, match="--llm needs --vision"):
+        train.build_model(train.Config(llm=path), 256, torch.device("cpu"))
