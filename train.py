@@ -75,8 +75,8 @@ class Config:
 
 
 PRESETS = {
-    "tiny": dict(global_batch=8, lr=3e-3),  # the tower frozen, as in the paper; small fast steps: the toy LLM starts
-    # using the image after ~120 steps (bench/looks.py: loss with shuffled images), which 96 steps of 16 rows never reached
+    "tiny": dict(global_batch=8, lr=3e-3),  # the tower frozen, as in the paper; small fast steps: the toy LLM
+    # starts using the image after ~120 steps (bench/looks.py), which 96 steps of 16 rows never reached
     "paper": dict(vision="google/siglip-so400m-patch14-384", llm="Qwen/Qwen2.5-1.5B-Instruct", image_tokens=144,
                   seq_len=4096, global_batch=512, micro_batch=8, lr=5e-5, ac=True),
 }
